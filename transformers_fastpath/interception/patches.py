@@ -1,0 +1,269 @@
+"""The wrappers around transformers' entry points, and putting the originals back.
+
+Wrapped: ``PreTrainedModel.from_pretrained`` (the Auto classes reach it too),
+``PreTrainedModel.save_pretrained`` (canonical weights for converted models),
+``transformers.pipeline`` / ``transformers.pipelines.pipeline``, and the pipeline's model
+loader ``load_model`` (so a ``pipeline`` name imported before patching still gets its task).
+With fastpath off for a call, each wrapper calls the original with exactly the caller's arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import inspect
+import logging
+import sys
+import threading
+from types import ModuleType
+from typing import Any
+
+from . import state
+from .state import UNSET, LoadContext
+
+__all__ = ["patch_modeling", "patch_pipelines", "patch_all", "unpatch_all", "is_patched", "original"]
+
+logger = logging.getLogger("transformers_fastpath")
+
+_lock = threading.RLock()
+# (owner object, attribute) -> the original object found there (exactly as found in __dict__).
+_originals: dict[tuple[int, str], tuple[Any, Any]] = {}
+
+_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code",
+               "force_download", "proxies")
+
+
+def _replace(owner: Any, attr: str, new: Any) -> None:
+    key = (id(owner), attr)
+    if key in _originals:
+        return
+    _originals[key] = (owner, owner.__dict__.get(attr, UNSET) if hasattr(owner, "__dict__") else UNSET)
+    setattr(owner, attr, new)
+
+
+def original(owner: Any, attr: str) -> Any:
+    """The object transformers had at ``owner.attr`` before patching (or the current one)."""
+    found = _originals.get((id(owner), attr))
+    if found is None or found[1] is UNSET:
+        return getattr(owner, attr)
+    return found[1]
+
+
+def is_patched() -> bool:
+    return bool(_originals)
+
+
+# -- from_pretrained / save_pretrained ------------------------------------------------
+
+def patch_modeling(modeling_utils: ModuleType) -> None:
+    """Wrap ``from_pretrained`` and ``save_pretrained`` of ``PreTrainedModel`` (idempotent)."""
+    with _lock:
+        cls = modeling_utils.PreTrainedModel
+        if (id(cls), "from_pretrained") in _originals:
+            return
+        orig_from = cls.__dict__["from_pretrained"]  # a classmethod object
+        orig_save = cls.__dict__["save_pretrained"]
+        _replace(cls, "from_pretrained", classmethod(_make_from_pretrained(orig_from.__func__)))
+        _replace(cls, "save_pretrained", _make_save_pretrained(orig_save))
+
+
+def _make_from_pretrained(orig: Any) -> Any:
+    @functools.wraps(orig)
+    def from_pretrained(cls: type, pretrained_model_name_or_path: Any, *args: Any, fastpath: Any = UNSET,
+                        **kwargs: Any) -> Any:
+        policy = state.policy_for_call(fastpath)
+        if policy is None or state.inside_load():
+            return orig(cls, pretrained_model_name_or_path, *args, **kwargs)
+        return _fastpath_load(orig, cls, pretrained_model_name_or_path, args, kwargs, policy)
+
+    return from_pretrained
+
+
+def _fastpath_load(orig: Any, cls: type, path: Any, args: tuple, kwargs: dict[str, Any], policy: Any) -> Any:
+    from ..errors import FastpathError
+    from ..passes.runner import apply_plan
+    from ..resolve import resolve
+
+    ctx = state.load_context()
+    task = ctx.task if ctx else None
+    plan = ctx.plan if ctx is not None and ctx.plan is not None and ctx.model_ref == path else None
+    if plan is None:
+        config = kwargs.get("config")
+        target = config if config is not None and not isinstance(config, str) else path
+        try:
+            if target is path:
+                from ..model_info import ModelInfo
+
+                target = ModelInfo.from_pretrained(path, task=task,
+                                                   **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+            plan = resolve(target, task=task, policy=policy, call_kwargs=kwargs)
+        except FastpathError:
+            raise
+        except Exception as exc:
+            # Let transformers raise its own error (missing directory...) unmasked, or load plainly.
+            logger.debug("fastpath: could not plan %r (%s); loading without fastpath", path, exc)
+            return orig(cls, path, *args, **kwargs)
+    extra = {k: v for k, v in plan.load_kwargs.items() if kwargs.get(k) is None and not _conflicts(k, kwargs)}
+    with state.loading():
+        model = orig(cls, path, *args, **kwargs, **extra)
+    apply_plan(model, plan.with_task(task))
+    return model
+
+
+def _conflicts(key: str, kwargs: dict[str, Any]) -> bool:
+    """Keys transformers refuses to see together with what the caller passed."""
+    if key == "dtype":
+        return kwargs.get("torch_dtype") is not None
+    if key == "device_map":
+        return kwargs.get("tp_plan") is not None or kwargs.get("distributed_config") is not None
+    return False
+
+
+def _make_save_pretrained(orig: Any) -> Any:
+    @functools.wraps(orig)
+    def save_pretrained(self: Any, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        from ..passes.runner import PLAN_ATTR, canonical_for_save
+
+        if getattr(self, PLAN_ATTR, None) is None:
+            return orig(self, save_directory, *args, **kwargs)
+        with canonical_for_save(self, str(save_directory)):
+            return orig(self, save_directory, *args, **kwargs)
+
+    return save_pretrained
+
+
+# -- pipeline ---------------------------------------------------------------------------
+
+def patch_pipelines(pipelines: ModuleType) -> None:
+    """Wrap ``transformers.pipeline`` (both public names) and the pipeline's ``load_model`` (idempotent)."""
+    with _lock:
+        if (id(pipelines), "pipeline") in _originals:
+            return
+        orig_pipeline = pipelines.__dict__["pipeline"]
+        wrapper = _make_pipeline(orig_pipeline)
+        _replace(pipelines, "pipeline", wrapper)
+        for transformers in _transformers_module_objects():
+            _replace(transformers, "pipeline", wrapper)
+        loader = _make_load_model(pipelines.__dict__["load_model"])
+        _replace(pipelines, "load_model", loader)
+        base = sys.modules.get("transformers.pipelines.base")
+        if base is not None:
+            _replace(base, "load_model", loader)
+
+
+def _transformers_module_objects() -> list[ModuleType]:
+    """Every live ``transformers`` top-level module object.
+
+    transformers re-executes its ``__init__`` while importing ``processing_utils``
+    (``direct_transformers_import``), so ``sys.modules["transformers"]`` can be a different lazy
+    module from the one the user imported; both must expose the wrapped ``pipeline``.
+    """
+    current = sys.modules.get("transformers")
+    if current is None:
+        return []
+    found = {id(current): current}
+    for obj in gc.get_referrers(type(current)):  # instances of a Python class refer to it
+        if isinstance(obj, ModuleType) and obj.__name__ == "transformers":
+            found[id(obj)] = obj
+    return list(found.values())
+
+
+def _make_pipeline(orig: Any) -> Any:
+    signature = inspect.signature(orig)
+
+    @functools.wraps(orig)
+    def pipeline(*args: Any, fastpath: Any = UNSET, **kwargs: Any) -> Any:
+        policy = state.policy_for_call(fastpath)
+        if policy is None:
+            return orig(*args, **kwargs)
+        bound = signature.bind_partial(*args, **kwargs)
+        call = dict(bound.arguments)
+        call.update(call.pop("kwargs", {}))
+        return _fastpath_pipeline(orig, call, policy)
+
+    return pipeline
+
+
+def _fastpath_pipeline(orig: Any, call: dict[str, Any], policy: Any) -> Any:
+    from ..passes.runner import apply_plan, plan_of
+    from ..plugins import get_plugin_manager
+    from ..resolve import resolve
+
+    task, model = call.get("task"), call.get("model")
+    model_kwargs = dict(call.get("model_kwargs") or {})
+    plan = None
+    if isinstance(model, str):
+        from ..model_info import ModelInfo
+
+        hub = {k: call[k] for k in _HUB_KWARGS if k in call}
+        try:
+            info = ModelInfo.from_pretrained(model, task=task, **hub)
+        except Exception as exc:  # transformers raises its own, clearer error below
+            logger.debug("fastpath: cannot read the config of %r (%s); transformers will report it", model, exc)
+            info = None
+        if info is not None:
+            plan = resolve(info, task=task, policy=policy, call_kwargs={**model_kwargs, **call})
+    elif model is not None and hasattr(model, "config"):
+        plan = plan_of(model)
+        if plan is None:
+            plan = apply_plan(model, resolve(model, task=task, policy=policy, call_kwargs=call))
+
+    if plan is not None:
+        extra: dict[str, Any] = {}
+        get_plugin_manager().hook.fastpath_pipeline_kwargs(plan=plan, kwargs=extra)
+        for key, value in extra.items():
+            if call.get(key) is not None or _pipeline_conflict(key, call, model_kwargs):
+                continue
+            call[key] = value
+
+    with state.scoped_policy(policy), state.pipeline_load(LoadContext(task, plan, model)):
+        pipe = orig(**call)
+    final = plan_of(pipe.model) or plan
+    if final is not None:
+        final = final.with_task(getattr(pipe, "task", task))
+        get_plugin_manager().hook.fastpath_pipeline_created(plan=final, pipeline=pipe)
+    return pipe
+
+
+def _pipeline_conflict(key: str, call: dict[str, Any], model_kwargs: dict[str, Any]) -> bool:
+    if key == "device":
+        return call.get("device_map") is not None or "device_map" in model_kwargs
+    if key == "dtype":
+        return "dtype" in model_kwargs or "torch_dtype" in model_kwargs or call.get("torch_dtype") is not None
+    return False
+
+
+def _make_load_model(orig: Any) -> Any:
+    @functools.wraps(orig)
+    def load_model(model: Any, config: Any, model_classes: Any = None, task: str | None = None,
+                   **model_kwargs: Any) -> Any:
+        # A pipeline created through a name imported before patching: give the load its task.
+        if state.load_context() is None and state.policy_for_call() is not None:
+            with state.pipeline_load(LoadContext(task)):
+                return orig(model, config, model_classes=model_classes, task=task, **model_kwargs)
+        return orig(model, config, model_classes=model_classes, task=task, **model_kwargs)
+
+    return load_model
+
+
+# -- all at once ------------------------------------------------------------------------
+
+def patch_all() -> None:
+    """Import transformers' modeling and pipeline modules and wrap them (idempotent)."""
+    import transformers.modeling_utils
+    import transformers.pipelines
+
+    patch_modeling(transformers.modeling_utils)
+    patch_pipelines(transformers.pipelines)
+
+
+def unpatch_all() -> None:
+    """Put every original object back where it was found."""
+    with _lock:
+        for (_, attr), (owner, found) in list(_originals.items()):
+            if found is UNSET:
+                if attr in getattr(owner, "__dict__", {}):
+                    delattr(owner, attr)
+            else:
+                setattr(owner, attr, found)
+        _originals.clear()

@@ -1,0 +1,1 @@
+"""Optimization passes: reversible conversions of a loaded model (see :class:`base.Pass`)."""

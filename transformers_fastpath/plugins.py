@@ -1,0 +1,183 @@
+"""The plugin manager: hook specs, built-in plugin modules, and third-party entry points.
+
+Third-party plugins are found once, lazily, in the ``transformers_fastpath`` entry-point group.
+``TRANSFORMERS_FASTPATH_DISABLE_PLUGIN_AUTOLOAD=1`` turns autoload off;
+``TRANSFORMERS_FASTPATH_PLUGINS=a,b`` loads only the named entry points. A plugin that fails to
+import is reported (a warning and ``transformers-fastpath plugins``) and skipped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from . import hookspecs
+
+if TYPE_CHECKING:
+    from .passes.base import Pass
+
+__all__ = [
+    "BUILTIN_PLUGINS",
+    "ENTRY_POINT_GROUP",
+    "PluginInfo",
+    "get_plugin_manager",
+    "get_passes",
+    "list_plugins",
+    "reset_plugin_manager",
+]
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "transformers_fastpath"
+ENV_DISABLE_AUTOLOAD = "TRANSFORMERS_FASTPATH_DISABLE_PLUGIN_AUTOLOAD"
+ENV_ALLOW = "TRANSFORMERS_FASTPATH_PLUGINS"
+
+# Built-in behaviour, registered exactly like third-party plugins (order = call order, reversed:
+# pluggy calls later-registered implementations first unless they are tryfirst/trylast).
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "transformers_fastpath.builtin.defaults",
+    "transformers_fastpath.builtin.loading",
+    "transformers_fastpath.builtin.pipelines",
+)
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """Where a plugin came from, for ``transformers-fastpath plugins``."""
+
+    name: str
+    kind: str  # "builtin" | "entry point" | "registered"
+    module: str
+    distribution: str | None
+    hooks: tuple[str, ...]
+    error: str | None = None
+
+
+_lock = threading.RLock()
+_manager: pluggy.PluginManager | None = None
+_passes: tuple[Pass, ...] | None = None
+_origins: dict[str, PluginInfo] = {}
+_failures: list[PluginInfo] = []
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process's plugin manager, built on first use (idempotent and thread-safe)."""
+    global _manager
+    if _manager is not None:
+        return _manager
+    with _lock:
+        if _manager is None:
+            pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+            pm.add_hookspecs(hookspecs)
+            for module_name in BUILTIN_PLUGINS:
+                module = importlib.import_module(module_name)
+                pm.register(module, name=module_name)
+                _origins[module_name] = PluginInfo(module_name, "builtin", module_name, "transformers-fastpath",
+                                                   _hook_names(pm, module))
+            if _autoload_enabled():
+                _load_entry_points(pm)
+            _manager = pm
+    return _manager
+
+
+def get_passes() -> tuple[Pass, ...]:
+    """Every registered pass, in registration order (collected once)."""
+    global _passes
+    if _passes is None:
+        with _lock:
+            if _passes is None:
+                pm = get_plugin_manager()
+                collected: list[Pass] = []
+                # historic order: builtins first, then third-party (pluggy returns LIFO).
+                for result in reversed(pm.hook.fastpath_register_passes()):
+                    collected.extend(result or ())
+                names = [p.name for p in collected]
+                duplicates = {n for n in names if names.count(n) > 1}
+                if duplicates:
+                    raise RuntimeError(f"two plugins register a pass named {sorted(duplicates)}; "
+                                       "rename one of them (pass names must be unique)")
+                _passes = tuple(collected)
+    return _passes
+
+
+def register(plugin: Any, name: str | None = None) -> str:
+    """Register a plugin object or module at run time (tests, notebooks)."""
+    global _passes
+    pm = get_plugin_manager()
+    with _lock:
+        registered = pm.register(plugin, name=name)
+        if registered is None:
+            raise ValueError(f"plugin {name or plugin!r} is already registered")
+        module = getattr(plugin, "__name__", type(plugin).__name__)
+        _origins[registered] = PluginInfo(registered, "registered", module, None, _hook_names(pm, plugin))
+        _passes = None
+    return registered
+
+
+def unregister(name: str) -> None:
+    global _passes
+    pm = get_plugin_manager()
+    with _lock:
+        pm.unregister(name=name)
+        _origins.pop(name, None)
+        _passes = None
+
+
+def list_plugins() -> list[PluginInfo]:
+    """Loaded plugins and the ones that failed to load, with where they came from."""
+    get_plugin_manager()
+    return [*_origins.values(), *_failures]
+
+
+def reset_plugin_manager() -> None:
+    """Forget the plugin manager so the next use rebuilds it (reads entry points again)."""
+    global _manager, _passes
+    with _lock:
+        _manager = None
+        _passes = None
+        _origins.clear()
+        _failures.clear()
+
+
+def _autoload_enabled() -> bool:
+    value = os.environ.get(ENV_DISABLE_AUTOLOAD, "").strip().lower()
+    return value not in ("1", "true", "yes", "on")
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    allow_raw = os.environ.get(ENV_ALLOW, "").strip()
+    allow = {a.strip() for a in allow_raw.split(",") if a.strip()} if allow_raw else None
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if allow is not None and ep.name not in allow:
+            logger.debug("plugin %s not in %s; not loaded", ep.name, ENV_ALLOW)
+            continue
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else None
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)
+        except Exception as exc:  # a broken third-party plugin must not break the user's program
+            message = f"{type(exc).__name__}: {exc}"
+            warnings.warn(
+                f"transformers-fastpath plugin {ep.name!r} ({ep.value}, from {dist or 'unknown distribution'}) "
+                f"failed to load and is skipped: {message}. Fix or uninstall it, or set "
+                f"{ENV_DISABLE_AUTOLOAD}=1.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            _failures.append(PluginInfo(ep.name, "entry point", ep.value, dist, (), error=message))
+            continue
+        _origins[ep.name] = PluginInfo(ep.name, "entry point", ep.value, dist, _hook_names(pm, plugin))
+
+
+def _hook_names(pm: pluggy.PluginManager, plugin: Any) -> tuple[str, ...]:
+    return tuple(sorted(caller.name for caller in pm.get_hookcallers(plugin) or ()))
