@@ -46,6 +46,11 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "transformers_fastpath.builtin.defaults",
     "transformers_fastpath.builtin.loading",
     "transformers_fastpath.builtin.pipelines",
+    "transformers_fastpath.builtin.fused_encoder",
+    "transformers_fastpath.builtin.attention",
+    "transformers_fastpath.builtin.generation",
+    "transformers_fastpath.builtin.placement",
+    "transformers_fastpath.builtin.quantization",
 )
 
 

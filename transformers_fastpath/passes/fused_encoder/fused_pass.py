@@ -1,0 +1,151 @@
+"""The ``fused_encoder`` pass: the :class:`~transformers_fastpath.passes.base.Pass` object itself."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ...errors import PassSkipped
+from .families import family_for, get_path
+from .support import ATTENTION_IMPLEMENTATIONS, config_reason
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ...model_info import ModelInfo
+    from ...plan import Plan, PlanBuilder
+    from .runtime import RouteChoice
+
+__all__ = ["FusedEncoderPass"]
+
+logger = logging.getLogger(__name__)
+
+_ROUTE_CHOICES = ("auto", "dense", "nested", "packed")
+_DEVICES = ("cpu", "cuda")
+
+
+class FusedEncoderPass:
+    """Padding-free fused encoder layers for inference (the successor of BetterTransformer).
+
+    Converted layers run ``torch._transformer_encoder_layer_fwd`` (or, for padded batches on
+    CPU, a packed-token route) in eval mode without autograd, and the original forward in every
+    other case. Nothing in the module tree or state_dict changes (see ``runtime``).
+
+    Args:
+        route: ``"auto"`` (choose per call, see ``heuristic``) or force ``"dense"``,
+            ``"nested"`` or ``"packed"`` for every padded batch (benchmarks, tests).
+        cache_qkv: keep the packed q/k/v weight between calls instead of concatenating it per
+            call; costs ``3*E*E + 3*E`` elements per layer (docs/fused-encoder.md).
+    """
+
+    name = "fused_encoder"
+    setting = "encoder_fastpath"
+    changes_state_dict = False
+
+    def __init__(self, route: RouteChoice = "auto", *, cache_qkv: bool = False) -> None:
+        if route not in _ROUTE_CHOICES:
+            raise ValueError(f"FusedEncoderPass(route={route!r}): route must be one of {', '.join(_ROUTE_CHOICES)}")
+        self.route = route
+        self.cache_qkv = bool(cache_qkv)
+
+    def __repr__(self) -> str:
+        return f"FusedEncoderPass(route={self.route!r}, cache_qkv={self.cache_qkv})"
+
+    # -- Pass protocol ------------------------------------------------------------------
+    def supports(self, info: ModelInfo, plan: PlanBuilder | Plan | None) -> str | None:
+        """From the config (and plan) alone: None when the pass can run, else why not. Never raises."""
+        try:
+            return self._supports(info, plan)
+        except Exception as exc:  # a reason, never a crash, whatever the config holds
+            logger.debug("fused_encoder.supports failed", exc_info=True)
+            return f"could not check the model config ({type(exc).__name__}: {exc})"
+
+    def _supports(self, info: ModelInfo, plan: PlanBuilder | Plan | None) -> str | None:
+        config = getattr(info, "config", None)
+        if config is None:
+            family = family_for(getattr(info, "model_type", None))
+            if family is None:
+                return f"model type {getattr(info, 'model_type', None)!r} has no fused-encoder layout"
+        else:
+            reason = config_reason(config)
+            if reason:
+                return reason
+        hardware = getattr(plan, "hardware", None)
+        device = getattr(hardware, "device", None)
+        if device is not None and device not in _DEVICES:
+            return f"device {device!r}: the fused encoder op runs on CPU and CUDA only"
+        get = getattr(plan, "get", None)
+        if callable(get):
+            attn = get("attn_implementation")
+            if isinstance(attn, str) and attn not in ("auto", "keep", *ATTENTION_IMPLEMENTATIONS):
+                return (f"attn_implementation={attn!r}: the fused encoder reads the masks of "
+                        f"{' or '.join(ATTENTION_IMPLEMENTATIONS)} only")
+            quant = get("quantization")
+            if isinstance(quant, str) and quant not in ("none", "auto"):
+                return f"quantization={quant!r}: quantized weights are not plain tensors the fused op can read"
+        import torch
+
+        if not hasattr(torch, "_transformer_encoder_layer_fwd"):
+            return f"torch {torch.__version__} has no torch._transformer_encoder_layer_fwd"
+        return None
+
+    def apply(self, model: nn.Module, plan: Plan | Any = None) -> None:
+        """Convert ``model`` in place, or raise :class:`PassSkipped` leaving it untouched.
+
+        Only ``model.base_model`` (the ``BertModel`` inside ``BertForSequenceClassification``...)
+        is converted; heads are left as they are. ``plan`` is not read: every choice is made per
+        call from the input. Applying twice is a no-op.
+        """
+        from .layers import LayerRejected, resolve_layer
+        from .runtime import FusedRuntime, remove_all, runtime_of
+
+        if runtime_of(model) is not None:
+            logger.debug("fused_encoder: %s is already converted", type(model).__name__)
+            return
+        base = getattr(model, "base_model", model)
+        config = getattr(base, "config", None) or getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        family = family_for(model_type)
+        reason = config_reason(config, family)
+        if reason or family is None:
+            raise PassSkipped(reason or f"model type {model_type!r} has no fused-encoder layout")
+
+        try:
+            layer_list = get_path(base, family.layers)
+            encoder = get_path(base, family.encoder) if family.encoder is not None else None
+        except AttributeError as exc:
+            raise PassSkipped(f"{type(base).__name__} does not have the {family.name} layout ({exc})") from None
+        from torch import nn
+
+        if not isinstance(layer_list, nn.ModuleList) or len(layer_list) == 0:
+            raise PassSkipped(f"{type(base).__name__}.{family.layers} is not a non-empty ModuleList")
+        if encoder is not None and "forward" in vars(encoder):
+            raise PassSkipped(f"{type(encoder).__name__} already has its forward replaced "
+                              "(an accelerate hook or another patch)")
+        if encoder is not None:
+            extra = [n for n, _ in encoder.named_parameters() if not n.startswith(family.layers.rsplit(".", 1)[-1] + ".")]
+            if extra:
+                raise PassSkipped(f"{type(encoder).__name__} has parameters outside its layers: {', '.join(extra[:5])}")
+
+        prefix = family.layers
+        try:
+            parts = [resolve_layer(layer, family.layout, f"{prefix}.{i}", cache_qkv=self.cache_qkv)
+                     for i, layer in enumerate(layer_list)]
+        except LayerRejected as exc:
+            raise PassSkipped(str(exc)) from None
+
+        runtime = FusedRuntime(family, config, base, layer_list, parts, route=self.route)
+        try:
+            runtime.install(encoder)
+        except Exception:
+            remove_all(model)
+            raise
+        logger.debug("fused_encoder: converted %d %s layers of %s", len(parts), family.name, type(model).__name__)
+
+    def revert(self, model: nn.Module) -> None:
+        """Remove every converted forward and cache; idempotent, safe after a partial apply."""
+        from .runtime import remove_all
+
+        removed = remove_all(model)
+        if removed:
+            logger.debug("fused_encoder: reverted %d forwards of %s", removed, type(model).__name__)

@@ -1,0 +1,108 @@
+"""The three ways the converted encoder computes a batch (inference only, no autograd).
+
+``dense``
+    ``torch._transformer_encoder_layer_fwd`` on the padded batch, with a ``(B, T)`` key padding
+    mask (``mask_type=1``) or none. Pad positions are computed like real tokens, so they hold
+    what the unconverted model gives. Best for small, launch-bound batches and unpadded ones.
+``nested``
+    The padded batch becomes a (strided) nested tensor once, every layer runs the fused op on
+    it, and it is padded back once at the end: no work on pad tokens in the linear layers.
+    Needs right padding (real tokens first). Pad positions come back as 0.
+``packed``
+    Real tokens are gathered once into a ``(N, E)`` matrix; linear layers, norms and the FFN
+    run on it; only attention sees the padded layout (q/k/v scattered into a zeroed
+    ``(B, T)`` buffer, ``scaled_dot_product_attention`` with the key mask, gathered back).
+    Works for any padding pattern. Pad positions come back as 0. Measured fastest on CPU,
+    where the nested attention of the fused op pads internally (see docs/fused-encoder.md).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .layers import BoundLayer
+
+__all__ = ["ROUTES", "Route", "run_dense", "run_nested", "run_packed", "run_route"]
+
+Route = Literal["dense", "nested", "packed"]
+ROUTES: tuple[Route, ...] = ("dense", "nested", "packed")
+
+# torch warns once that strided nested tensors are a prototype; the fused op only accepts
+# that layout, so the warning tells users nothing they can act on.
+warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage",
+                        category=UserWarning)
+
+
+def run_dense(x: torch.Tensor, keep: torch.Tensor | None, layers: Sequence[BoundLayer]) -> torch.Tensor:
+    """Fused op on the padded batch; ``keep`` is ``(B, T)`` True at real tokens, or None."""
+    pad = None if keep is None else ~keep
+    mask_type = None if pad is None else 1
+    for layer in layers:
+        x = torch._transformer_encoder_layer_fwd(x, *layer.fused_args(), pad, mask_type)
+    return x
+
+
+def run_nested(x: torch.Tensor, keep: torch.Tensor, layers: Sequence[BoundLayer]) -> torch.Tensor:
+    """Fused op on a nested tensor made once from the right-padded batch."""
+    h = torch._nested_tensor_from_mask(x, keep)
+    for layer in layers:
+        h = torch._transformer_encoder_layer_fwd(h, *layer.fused_args(), None, None)
+    return h.to_padded_tensor(0.0, output_size=tuple(x.shape))
+
+
+def _activation(x: torch.Tensor, use_gelu: bool) -> torch.Tensor:
+    return F.gelu(x) if use_gelu else F.relu(x)
+
+
+def _to_padded_heads(t: torch.Tensor, index: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """``(N, E)`` packed rows -> ``(B, H, T, D)`` with zeros at pads (finite: masked keys still enter q.k)."""
+    batch, length, heads, head_dim = shape
+    buf = t.new_zeros(batch * length, heads * head_dim).index_copy_(0, index, t)
+    return buf.view(batch, length, heads, head_dim).transpose(1, 2)
+
+
+def run_packed(x: torch.Tensor, keep: torch.Tensor, layers: Sequence[BoundLayer]) -> torch.Tensor:
+    """Padding-free linear layers on packed tokens; attention on a padded view via SDPA."""
+    batch, length, embed = x.shape
+    index = keep.reshape(-1).nonzero().squeeze(1)    # positions of real tokens in (B*T)
+    rows, cols = index // length, index % length     # their (batch, time) coordinates
+    key_mask = keep[:, None, None, :]                # (B, 1, 1, T): True = attend
+    h = x.reshape(batch * length, embed).index_select(0, index)
+    for layer in layers:
+        p = layer.parts
+        qw, qb, kw, kb, vw, vb, ow, ob, n1w, n1b, n2w, n2b, f1w, f1b, f2w, f2b = layer.w
+        heads = p.num_heads
+        head_dim = embed // heads
+
+        shape = (batch, length, heads, head_dim)
+        residual = h
+        a_in = F.layer_norm(h, (embed,), n1w, n1b, p.eps) if p.norm_first else h
+        q = _to_padded_heads(F.linear(a_in, qw, qb), index, shape)
+        k = _to_padded_heads(F.linear(a_in, kw, kb), index, shape)
+        v = _to_padded_heads(F.linear(a_in, vw, vb), index, shape)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)   # (B, H, T, D)
+        att = F.linear(att[rows, :, cols, :].reshape(-1, embed), ow, ob)      # (N, E): real tokens only
+        if p.norm_first:
+            h = residual + att
+            f_in = F.layer_norm(h, (embed,), n2w, n2b, p.eps)
+            h = h + F.linear(_activation(F.linear(f_in, f1w, f1b), p.use_gelu), f2w, f2b)
+        else:
+            h = F.layer_norm(att + residual, (embed,), n1w, n1b, p.eps)
+            f = F.linear(_activation(F.linear(h, f1w, f1b), p.use_gelu), f2w, f2b)
+            h = F.layer_norm(f + h, (embed,), n2w, n2b, p.eps)
+    out = h.new_zeros(batch * length, embed).index_copy_(0, index, h)
+    return out.view(batch, length, embed)
+
+
+def run_route(route: Route, x: torch.Tensor, keep: torch.Tensor | None, layers: Sequence[BoundLayer]) -> torch.Tensor:
+    """Run ``route``; the padding-free routes need a mask (``keep`` not None)."""
+    if route == "dense" or keep is None:
+        return run_dense(x, keep, layers)
+    if route == "nested":
+        return run_nested(x, keep, layers)
+    return run_packed(x, keep, layers)

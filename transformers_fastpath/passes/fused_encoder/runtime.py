@@ -1,0 +1,254 @@
+"""The converted forward, and installing / removing it on module instances.
+
+Nothing is replaced in the module tree and nothing is registered: the converted forward is an
+instance attribute (``module.forward = FusedForward(...)``, as accelerate's hooks do), which
+``nn.Module.__call__`` finds before the class's ``forward``. Removing it (``del
+module.forward``) brings the class's forward back. So module types, parameters, buffers and
+state_dict keys never change, and ``save_pretrained`` writes canonical weights by construction.
+
+Where there is an encoder module (BERT family, DistilBERT) its forward is replaced, so a
+padded batch can be packed once for all layers. Otherwise (ViT, DeiT) each layer's forward is.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .families import Family
+from .guards import hooks_reason, kwargs_reason, state_reason
+from .heuristic import choose_route
+from .layers import BoundLayer, LayerParts
+from .masks import MaskRejected, keep_mask
+from .routes import ROUTES, Route, run_route
+
+__all__ = ["RUNTIME_ATTR", "FusedForward", "FusedRuntime", "remove_all", "runtime_of"]
+
+logger = logging.getLogger(__name__)
+
+RUNTIME_ATTR = "_fastpath_fused_encoder"
+
+RouteChoice = Literal["auto", "dense", "nested", "packed"]
+
+
+class FusedRuntime:
+    """Per-model state of the conversion: parts, route policy and counters.
+
+    Attributes:
+        stats: how many calls took each route (``"dense"``, ``"nested"``, ``"packed"``) and
+            how many ran the original forward, keyed ``"original: <reason>"``.
+    """
+
+    def __init__(self, family: Family, config: Any, owner: nn.Module, layer_list: nn.ModuleList,
+                 parts: Sequence[LayerParts], route: RouteChoice = "auto") -> None:
+        self.family = family
+        self.config = config
+        self.owner = owner
+        self.layer_list = layer_list
+        self.parts = tuple(parts)
+        self.route = route
+        self.stats: Counter[str] = Counter()
+        self._warned_errors: set[str] = set()
+
+    @property
+    def route(self) -> RouteChoice:
+        """``"auto"`` or the route forced for every padded batch; may be changed at any time."""
+        return self._route
+
+    @route.setter
+    def route(self, value: RouteChoice) -> None:
+        if value not in ("auto", *ROUTES):
+            raise ValueError(f"route must be 'auto' or one of {', '.join(ROUTES)}, got {value!r}")
+        self._route = value
+
+    # -- installing ---------------------------------------------------------------------
+    def install(self, encoder: nn.Module | None) -> None:
+        """Put the converted forward(s) in place; on error the caller runs :func:`remove_all`."""
+        setattr(self.owner, RUNTIME_ATTR, self)
+        if encoder is not None:
+            _set_forward(encoder, FusedForward(self, encoder, self.parts, padding_free=True))
+        else:
+            for parts in self.parts:
+                _set_forward(parts.layer, FusedForward(self, parts.layer, (parts,), padding_free=False))
+
+    def drop_caches(self) -> None:
+        for parts in self.parts:
+            parts.drop_cache()
+
+    def cache_bytes(self) -> int:
+        """Bytes held by packed q/k/v copies (only with ``cache_qkv=True``)."""
+        return sum(p.cache_bytes() for p in self.parts)
+
+    # -- per call -----------------------------------------------------------------------
+    def layers_intact(self) -> bool:
+        layers = self.layer_list
+        if len(layers) != len(self.parts):
+            return False
+        return all(layers[i] is p.layer and p.intact() for i, p in enumerate(self.parts))
+
+    def note_error(self, exc: Exception) -> None:
+        key = f"{type(exc).__name__}: {exc}"[:200]
+        level = logging.DEBUG if key in self._warned_errors else logging.WARNING
+        self._warned_errors.add(key)
+        logger.log(level, "fused encoder: the fused route failed (%s); ran the original forward", key)
+
+
+def _set_forward(module: nn.Module, forward: FusedForward) -> None:
+    if "forward" in vars(module):
+        raise RuntimeError(f"{type(module).__name__} already has an instance-level forward")
+    module.forward = forward
+
+
+class FusedForward:
+    """The forward installed on one encoder (or one layer); falls back to the class's forward.
+
+    Plain attributes only (no bound methods), so ``copy.deepcopy`` and pickling of the model
+    carry a working conversion over to the copy.
+    """
+
+    __fastpath_fused_encoder__ = True
+
+    def __init__(self, runtime: FusedRuntime, module: nn.Module, layers: Sequence[LayerParts], *,
+                 padding_free: bool) -> None:
+        self.runtime = runtime
+        self.module = module
+        self.layers = tuple(layers)
+        self.padding_free = padding_free
+        cls_forward = type(module).forward
+        self.__name__ = getattr(cls_forward, "__name__", "forward")
+        self.__doc__ = getattr(cls_forward, "__doc__", None)
+        try:
+            # Callers such as pipelines read forward's signature; show the original one.
+            self.__signature__ = inspect.signature(cls_forward.__get__(module))
+        except (TypeError, ValueError):
+            pass
+        # Submodules whose hooks a fused route would skip (hooks on ``module`` itself still run).
+        self.inner_modules = tuple(m for m in module.modules() if m is not module)
+
+    def _params(self) -> Iterator[torch.Tensor]:
+        # Read fresh from the modules: a Parameter may have been replaced since apply.
+        for parts in self.layers:
+            for p in parts.parameters():
+                if p is not None:
+                    yield p
+
+    def original(self, *args: Any, **kwargs: Any) -> Any:
+        """The unconverted computation: the class's forward on the same module and parameters."""
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def _fallback(self, reason: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self.runtime.stats[f"original: {reason}"] += 1
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("fused encoder: original forward of %s (%s)", type(self.module).__name__, reason)
+        return self.original(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        runtime = self.runtime
+        names = runtime.family.encoder_args
+        if len(args) > len(names) or any(n in kwargs for n in names[: len(args)]):
+            return self._fallback("unexpected positional arguments", args, kwargs)
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        hidden = bound.pop("hidden_states", None)
+        mask = bound.pop("attention_mask", None)
+
+        reason = (kwargs_reason(bound)
+                  or state_reason(hidden, self.inner_modules + (self.module,), runtime.config, self._params()))
+        if reason is None and not runtime.layers_intact():
+            reason = "layers changed since the conversion"
+        if reason is None:
+            reason = hooks_reason(self.inner_modules)
+        bound_layers: list[BoundLayer] = []
+        if reason is None:
+            if hidden.shape[-1] != self.layers[0].embed_dim:
+                reason = f"hidden size {hidden.shape[-1]}"
+            else:
+                dtype, device = hidden.dtype, hidden.device
+                for parts in self.layers:
+                    bound_layer = parts.read(dtype, device)
+                    if bound_layer is None:
+                        reason = f"weights are not all {dtype} on {device}"
+                        break
+                    bound_layers.append(bound_layer)
+        if reason is not None:
+            return self._fallback(reason, args, kwargs)
+
+        batch, length, _ = hidden.shape
+        try:
+            keep = keep_mask(mask, batch, length)
+        except MaskRejected as exc:
+            return self._fallback(str(exc), args, kwargs)
+
+        route = self._route(hidden, keep)
+        if route is None:
+            return self._fallback("the original forward is faster for this shape", args, kwargs)
+        try:
+            out = run_route(route, hidden, keep, bound_layers)
+        except RuntimeError as exc:  # an op limit we did not foresee: never fail the call for it
+            runtime.note_error(exc)
+            return self._fallback(f"fused route failed: {type(exc).__name__}", args, kwargs)
+        runtime.stats[route] += 1
+        return self._output(out)
+
+    def _route(self, hidden: torch.Tensor, keep: torch.Tensor | None) -> Route | None:
+        forced = self.runtime.route
+        if keep is None:
+            real = None
+            left_aligned = True
+        else:
+            real = int(keep.sum())
+            left_aligned = not bool((keep[:, 1:] & ~keep[:, :-1]).any())
+        if forced == "auto":
+            batch, length, _ = hidden.shape
+            route = choose_route(hidden.device.type, batch, length, real, left_aligned)
+        else:
+            route = forced
+        if route is None:
+            return None
+        if keep is None or not self.padding_free:
+            return "dense"
+        if route == "nested" and not left_aligned:
+            return "packed"  # nested tensors are built from right-padded batches only
+        return route
+
+    def _output(self, hidden: torch.Tensor) -> Any:
+        name = self.runtime.family.output_class if self.padding_free else None
+        if name is None:
+            return hidden
+        from transformers import modeling_outputs
+
+        return getattr(modeling_outputs, name)(last_hidden_state=hidden)
+
+
+def runtime_of(model: nn.Module) -> FusedRuntime | None:
+    """The conversion state of ``model`` (any module of it that holds one), or None."""
+    for module in model.modules():
+        runtime = vars(module).get(RUNTIME_ATTR)
+        if isinstance(runtime, FusedRuntime):
+            return runtime
+    return None
+
+
+def remove_all(model: nn.Module) -> int:
+    """Delete every converted forward and runtime under ``model``; returns how many forwards went.
+
+    Safe on a model that was never (or only partly) converted.
+    """
+    removed = 0
+    for module in model.modules():
+        own = vars(module)
+        if getattr(own.get("forward"), "__fastpath_fused_encoder__", False):
+            del module.forward
+            removed += 1
+        runtime = own.get(RUNTIME_ATTR)
+        if runtime is not None:
+            if isinstance(runtime, FusedRuntime):
+                runtime.drop_caches()
+            delattr(module, RUNTIME_ATTR)
+    return removed

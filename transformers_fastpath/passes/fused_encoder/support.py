@@ -1,0 +1,58 @@
+"""Config-level checks: can the fused encoder run this model at all? (No weights needed.)
+
+Each check returns the reason it cannot, phrased for ``explain``, or None.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .families import Family, family_for, supported_model_types
+
+__all__ = ["ATTENTION_IMPLEMENTATIONS", "EXACT_ACTIVATIONS", "config_reason"]
+
+# The fused op computes exact (erf) GELU or ReLU; "gelu_new", "gelu_fast", "gelu_pytorch_tanh",
+# "quick_gelu"... are approximations that would drift (~4e-4 for tanh-GELU).
+EXACT_ACTIVATIONS = ("gelu", "relu")
+
+# The masks the converted forward understands are the 4D masks transformers builds for these.
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def config_reason(config: Any, family: Family | None = None) -> str | None:
+    """Why the fused encoder cannot run a model with this config, or None when it can."""
+    if config is None:
+        return "no model config to check"
+    model_type = getattr(config, "model_type", None)
+    family = family or family_for(model_type)
+    if family is None:
+        return (f"model type {model_type!r} has no fused-encoder layout "
+                f"(supported: {', '.join(supported_model_types())})")
+    if getattr(config, "is_decoder", False):
+        return "config.is_decoder is true: causal self-attention is not an encoder layer"
+    if getattr(config, "add_cross_attention", False):
+        return "config.add_cross_attention is true: cross-attention layers cannot be fused"
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder models are not converted"
+    position = getattr(config, "position_embedding_type", "absolute")
+    if position not in (None, "absolute"):
+        return (f"position_embedding_type={position!r}: relative position scores are not part of "
+                "the fused attention")
+    act = getattr(config, family.activation_key, None)
+    if isinstance(act, str) and act not in EXACT_ACTIVATIONS:
+        return (f"{family.activation_key}={act!r}: the fused op computes only exact GELU or ReLU "
+                f"({', '.join(EXACT_ACTIVATIONS)})")
+    if act is not None and not isinstance(act, str):
+        return f"{family.activation_key} is a callable ({act!r}); only 'gelu' or 'relu' can be fused"
+    attn = getattr(config, "_attn_implementation", None)
+    if attn is not None and attn not in ATTENTION_IMPLEMENTATIONS:
+        return (f"attn_implementation={attn!r}: the fused encoder reads the masks of "
+                f"{' or '.join(ATTENTION_IMPLEMENTATIONS)} only")
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads:
+        return f"hidden size {hidden} is not a multiple of the {heads} attention heads"
+    head_dim = getattr(config, "head_dim", None)
+    if isinstance(head_dim, int) and isinstance(hidden, int) and isinstance(heads, int) and head_dim * heads != hidden:
+        return f"head_dim {head_dim} x {heads} heads != hidden size {hidden}"
+    return None
