@@ -144,6 +144,14 @@ class Plan:
     def __iter__(self) -> Iterator[Decision]:
         return iter(self.settings.values())
 
+    def __copy__(self) -> Plan:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Plan:
+        # Immutable (and its MappingProxyType fields cannot be deep-copied): copy.deepcopy(model)
+        # of a fastpath model shares the plan instead of failing.
+        return self
+
 
 class PlanBuilder:
     """The mutable plan that ``fastpath_resolve_plan`` hook implementations shape.
@@ -152,12 +160,17 @@ class PlanBuilder:
         model: facts about the model (:class:`ModelInfo`).
         hardware: the :class:`Hardware` the plan is for.
         policy: the :class:`Policy` in force.
+        call_kwargs: the keyword arguments the caller passed to ``from_pretrained`` /
+            ``pipeline`` (read-only; empty for ``explain``), to reject combinations that
+            transformers forbids (``device_map`` with ``tp_plan``...).
     """
 
-    def __init__(self, model: ModelInfo, hardware: Hardware, policy: Policy) -> None:
+    def __init__(self, model: ModelInfo, hardware: Hardware, policy: Policy,
+                 call_kwargs: Mapping[str, Any] | None = None) -> None:
         self.model = model
         self.hardware = hardware
         self.policy = policy
+        self.call_kwargs: Mapping[str, Any] = MappingProxyType(dict(call_kwargs or {}))
         self._settings: dict[str, Decision] = {}
         self._passes: dict[str, PassStatus] = {}
         self._notes: list[str] = []
@@ -230,7 +243,29 @@ def _show(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_show(v) for v in value) + "]"
     text = str(value)
+    if "\n" in text:  # transformers config objects (BitsAndBytesConfig...) print as multi-line JSON
+        fields = _non_default_fields(value)
+        if isinstance(fields, Mapping):
+            shown = ", ".join(f"{k}={_show(v)}" for k, v in fields.items() if not str(k).startswith("_"))
+            return f"{type(value).__name__}({shown})"
+        return " ".join(text.split())
     return text[len("torch."):] if text.startswith("torch.") else text
+
+
+def _non_default_fields(value: Any) -> Mapping[str, Any] | None:
+    """A config object's fields that differ from its defaults (``to_diff_dict``, or ``to_dict``
+    compared with a default instance), or None when it has neither."""
+    diff = getattr(value, "to_diff_dict", None)
+    if callable(diff):
+        return diff()
+    to_dict = getattr(value, "to_dict", None)
+    if not callable(to_dict):
+        return None
+    try:
+        defaults = type(value)().to_dict()
+    except Exception:
+        return to_dict()
+    return {k: v for k, v in to_dict().items() if defaults.get(k, object()) != v}
 
 
 def _human_count(n: int) -> str:

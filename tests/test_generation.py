@@ -1,0 +1,413 @@
+"""Fast generate: static bucketed KV cache + transformers' compile, resolved per hardware, reversible.
+
+CPU only: the GPU path is forced through the policy (``static_cache = true``, ``compile = true``).
+Tiny decoder families are built from configs; greedy output must equal transformers' default
+``generate`` token for token (fp32), single prompts and left-padded batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import transformers
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+import transformers_fastpath as fp
+from transformers_fastpath import Hardware, StrictModeError
+from transformers_fastpath.passes.generation import (
+    COMPILE_PASS,
+    STATIC_PASS,
+    FastGenerate,
+    bucket_cache_len,
+)
+from transformers_fastpath.passes.instance_methods import LAYERS_ATTR
+
+CPU = Hardware(device="cpu", memory_gib=24, cpu_count=2)
+H100 = Hardware.from_profile("h100")
+STATIC = {"defaults": {"static_cache": True}}
+VOCAB = 200
+PAD = 0
+
+_COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                       num_key_value_heads=2, intermediate_size=128,
+                                                       max_position_embeddings=256)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(hidden_size=64, num_hidden_layers=2,
+                                                             num_attention_heads=4, num_key_value_heads=2,
+                                                             intermediate_size=128, max_position_embeddings=256)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                       num_key_value_heads=2, intermediate_size=128,
+                                                       max_position_embeddings=256)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                 ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=256)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                 intermediate_size=128, max_position_embeddings=256)),
+}
+
+
+def build(family: str) -> torch.nn.Module:
+    config_name, model_name, kwargs = FAMILIES[family]
+    config = getattr(transformers, config_name)(**_COMMON, **kwargs)
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).eval()
+
+
+def prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts, the first left-padded by 3."""
+    torch.manual_seed(1)
+    ids = torch.randint(3, VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = PAD, 0
+    return ids, mask
+
+
+def greedy(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD,
+                              **kwargs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest (and steadiest on a busy machine) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llama() -> torch.nn.Module:
+    return build("llama")
+
+
+@pytest.fixture
+def fresh_llama() -> torch.nn.Module:
+    return build("llama")
+
+
+# -- resolution and explain -------------------------------------------------------------
+
+def test_cpu_default_keeps_generate_dynamic_with_reasons(llama) -> None:
+    plan = fp.resolve(llama, task="text-generation", hardware=CPU)
+    for key in ("compile", "static_cache"):
+        assert plan[key] is False
+        assert plan.settings[key].reason == "auto: compile pays off on GPUs; CPU generate stays dynamic"
+    assert plan.pass_status(STATIC_PASS).status == "off"
+    assert plan.pass_status(COMPILE_PASS).status == "off"
+    text = str(plan)
+    assert "compile pays off on GPUs; CPU generate stays dynamic" in text
+    assert not any("static KV cache" in note for note in plan.notes)
+
+
+def test_gpu_default_plans_static_cache_and_compile(llama) -> None:
+    plan = fp.resolve(llama, task="text-generation", hardware=H100)
+    assert plan["static_cache"] is True and plan["compile"] is True
+    assert plan.pass_status(STATIC_PASS).status == "planned"
+    assert plan.pass_status(COMPILE_PASS).status == "planned"
+    assert "reduce-overhead" in plan.settings["compile"].reason
+    data = plan.to_dict()
+    assert data["settings"]["static_cache"]["value"] is True
+    assert any("power of two" in note and "multiple of 512" in note for note in data["notes"])
+    assert "static KV cache sized per call" in str(plan)
+
+
+def test_non_generative_models_say_why(tiny_model_factory) -> None:
+    plan = fp.resolve(tiny_model_factory("bert", "seq-cls"), task="text-classification", hardware=H100)
+    assert plan["static_cache"] is False and plan["compile"] is False
+    assert "not a generation task" in plan.settings["static_cache"].reason
+    bare = fp.resolve(tiny_model_factory("bert"), hardware=H100)
+    assert "not a generative model" in bare.settings["compile"].reason
+
+
+def test_compile_true_turns_the_static_cache_on(llama) -> None:
+    plan = fp.resolve(llama, hardware=CPU, policy={"defaults": {"compile": True}})
+    assert plan["static_cache"] is True
+    assert "compiled decode step" in plan.settings["static_cache"].reason
+    assert plan.pass_status(COMPILE_PASS).status == "planned"
+    assert any("tens of seconds" in note for note in plan.notes)
+
+
+def test_compile_without_static_cache_is_skipped_and_strict_raises(fresh_llama) -> None:
+    policy = {"defaults": {"compile": True, "static_cache": False}}
+    plan = fp.resolve(fresh_llama, hardware=H100, policy=policy)
+    status = plan.pass_status(COMPILE_PASS)
+    assert status.status == "skipped"
+    assert "only with a static cache" in status.reason
+    with pytest.raises(StrictModeError, match="generate_compile"):
+        fp.apply(fresh_llama, {"defaults": {**policy["defaults"], "strict": True}}, hardware=H100)
+
+
+def test_architecture_without_static_cache_support_is_skipped(monkeypatch, llama) -> None:
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "_can_compile_fullgraph", False)
+    plan = fp.resolve(llama, task="text-generation", hardware=H100)
+    assert plan.pass_status(STATIC_PASS).status == "skipped"
+    assert "_can_compile_fullgraph" in plan.pass_status(STATIC_PASS).reason
+    assert "static cache does not run" in plan.pass_status(COMPILE_PASS).reason
+
+
+# -- bucketing ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("needed, expected", [
+    (1, 64), (19, 64), (64, 64), (65, 128), (256, 256), (257, 512), (1000, 1024), (1024, 1024),
+    (1025, 1536), (1536, 1536), (1537, 2048), (5000, 5120),
+])
+def test_bucket_cache_len(needed: int, expected: int) -> None:
+    assert bucket_cache_len(needed) == expected
+
+
+def test_bucket_respects_the_model_limit_but_never_the_request() -> None:
+    assert bucket_cache_len(300, limit=400) == 400
+    assert bucket_cache_len(300, limit=256) == 300
+    assert bucket_cache_len(19, limit=40) == 40
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="positive integer"):
+            bucket_cache_len(bad)  # type: ignore[arg-type]
+
+
+# -- outputs identical to transformers' default generate --------------------------------------
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_static_cache_generate_equals_default_greedy(family: str) -> None:
+    model = build(family)
+    ids, mask = prompts()
+    ref_single = greedy(model, ids[1:])
+    ref_batch = greedy(model, ids, mask)
+
+    fp.apply(model, STATIC, hardware=CPU)
+    plan = fp.plan_of(model)
+    assert plan.pass_status(STATIC_PASS).status == "applied"
+    assert plan.pass_status("sdpa_backends").status == "applied"
+    assert torch.equal(greedy(model, ids[1:]), ref_single)
+    assert torch.equal(greedy(model, ids, mask), ref_batch)
+    runtime_request = _runtime(model).last_request
+    assert runtime_request.static and runtime_request.cache_len == 64  # 9 + 12 -> 64
+
+    fp.revert(model)
+    assert "generate" not in vars(model) and "forward" not in vars(model)
+    assert torch.equal(greedy(model, ids, mask), ref_batch)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_default_cpu_plan_leaves_generate_alone(family: str) -> None:
+    model = build(family)
+    ids, mask = prompts()
+    ref = greedy(model, ids, mask)
+    fp.apply(model, None, task="text-generation", hardware=CPU)
+    assert fp.plan_of(model).pass_status(STATIC_PASS).status == "off"
+    assert LAYERS_ATTR not in vars(model) or "generate" not in vars(model)[LAYERS_ATTR] or \
+        _runtime(model) is None
+    assert torch.equal(greedy(model, ids, mask), ref)
+
+
+def test_the_cache_is_static_and_bucketed(fresh_llama) -> None:
+    model = fresh_llama
+    ids, mask = prompts()
+    fp.apply(model, STATIC, hardware=CPU)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD,
+                         return_dict_in_generate=True)
+    assert type(out.cache).__name__ == "StaticCache"
+    assert out.cache.get_max_length() == 64
+    longer = model.generate(ids, attention_mask=mask, max_new_tokens=100, do_sample=False, pad_token_id=PAD,
+                            return_dict_in_generate=True)
+    assert longer.cache.get_max_length() == 128  # 9 + 100 -> 128
+    # transformers keeps the largest cache a model had: a short call after a long one reuses 128.
+    again = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=PAD,
+                           return_dict_in_generate=True)
+    assert again.cache.get_max_length() == 128
+
+
+def test_the_callers_generation_arguments_win(fresh_llama) -> None:
+    model = fresh_llama
+    ids, mask = prompts()
+    ref = greedy(model, ids, mask)
+    fp.apply(model, STATIC, hardware=CPU)
+    dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD,
+                             cache_implementation="dynamic", return_dict_in_generate=True)
+    assert type(dynamic.cache).__name__ == "DynamicCache"
+    assert torch.equal(dynamic.sequences, ref)
+    assert "cache_implementation = 'dynamic'" in _runtime(model).last_request.reason
+    sized = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD,
+                           max_cache_len=200, return_dict_in_generate=True)
+    assert sized.cache.get_max_length() == 200
+    assert torch.equal(greedy(model, ids, mask, use_cache=False), ref)
+    assert "use_cache = False" in _runtime(model).last_request.reason
+
+
+def test_a_passed_generation_config_is_copied_not_mixed_with_kwargs(fresh_llama, caplog) -> None:
+    model = fresh_llama
+    ids, mask = prompts()
+    config = GenerationConfig(max_new_tokens=12, do_sample=False, pad_token_id=PAD)
+    ref = model.generate(ids, attention_mask=mask, generation_config=config)
+    fp.apply(model, STATIC, hardware=CPU)
+    with caplog.at_level(logging.WARNING):
+        out = model.generate(ids, attention_mask=mask, generation_config=config)
+        positional = model.generate(ids, config, attention_mask=mask)
+    assert torch.equal(out, ref) and torch.equal(positional, ref)
+    assert _runtime(model).last_request.static
+    assert config.cache_implementation is None  # the caller's object is untouched
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+    returning = GenerationConfig(max_new_tokens=12, do_sample=False, pad_token_id=PAD, return_dict_in_generate=True)
+    assert type(model.generate(ids, attention_mask=mask, generation_config=returning).cache).__name__ == "StaticCache"
+
+
+def test_sampling_stopping_criteria_and_streamers_keep_working(fresh_llama) -> None:
+    model = fresh_llama
+    ids, mask = prompts()
+    ref = greedy(model, ids, mask)
+
+    class StopAfter(StoppingCriteria):
+        def __init__(self, length: int) -> None:
+            self.length = length
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+    class Collect(BaseStreamer):
+        def __init__(self) -> None:
+            self.chunks: list[torch.Tensor] = []
+            self.ended = False
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1))
+
+        def end(self):
+            self.ended = True
+
+    ref_stopped = greedy(model, ids, mask, stopping_criteria=StoppingCriteriaList([StopAfter(13)]))
+    fp.apply(model, STATIC, hardware=CPU)
+    # top_k=1 sampling is greedy: the caller's sampling settings reach generate.
+    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=1,
+                             temperature=0.7, pad_token_id=PAD)
+    assert torch.equal(sampled, ref)
+    stopped = greedy(model, ids, mask, stopping_criteria=StoppingCriteriaList([StopAfter(13)]))
+    assert stopped.shape[1] == 13 and torch.equal(stopped, ref_stopped)
+    streamer = Collect()
+    single = greedy(model, ids[1:], streamer=streamer)
+    assert streamer.ended
+    assert torch.equal(torch.cat(streamer.chunks), single[0])
+    assert _runtime(model).last_request.static
+
+
+def test_revert_and_deepcopy_while_applied(fresh_llama) -> None:
+    model = fresh_llama
+    ids, mask = prompts()
+    keys = list(model.state_dict())
+    fp.apply(model, STATIC, hardware=CPU)
+    assert list(model.state_dict()) == keys  # nothing touches parameters
+    twin = copy.deepcopy(model)
+    assert twin.generate.__self__ is twin and twin.forward.__self__ is twin
+    assert torch.equal(greedy(twin, ids, mask), greedy(model, ids, mask))
+    assert _runtime(twin) is not _runtime(model)
+    fp.revert(model)
+    assert LAYERS_ATTR not in vars(model) and "generate" not in vars(model)
+    assert "generate" in vars(twin)  # the copy keeps its own overrides
+
+
+def test_from_pretrained_with_fastpath_applies_the_generation_passes(fresh_llama, tmp_path) -> None:
+    fresh_llama.save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, fastpath=STATIC)
+    plan = fp.plan_of(model)
+    assert plan.pass_status(STATIC_PASS).status == "applied"
+    assert plan.pass_status(COMPILE_PASS).status == "off"
+    ids, mask = prompts()
+    assert torch.equal(greedy(model, ids, mask), greedy(fresh_llama, ids, mask))
+
+
+def test_text_generation_pipeline_with_a_static_cache(tiny_model_factory) -> None:
+    path = tiny_model_factory("llama", "causal")
+    plain = transformers.pipeline("text-generation", model=str(path))
+    fast = fp.pipeline("text-generation", model=str(path), fastpath=STATIC)
+    assert fp.plan_of(fast).pass_status(STATIC_PASS).status == "applied"
+    kwargs = dict(max_new_tokens=8, do_sample=False)
+    assert fast("hello world", **kwargs) == plain("hello world", **kwargs)
+    assert _runtime(fast.model).last_request.static
+
+
+def test_text2text_encoder_decoder_with_a_static_cache() -> None:
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    ids, mask = prompts()
+    ref = greedy(model, ids, mask)
+    fp.apply(model, STATIC, task="text2text-generation", hardware=CPU)
+    assert fp.plan_of(model).pass_status(STATIC_PASS).status == "applied"
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD,
+                         return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    assert out.cache.get_max_length() == 64  # decoder side: 1 start token + 12
+
+
+# -- compile --------------------------------------------------------------------------------
+
+def test_compile_failure_falls_back_once_and_is_recorded(fresh_llama, monkeypatch, caplog) -> None:
+    import torch._dynamo.exc
+
+    model = fresh_llama
+    ids, mask = prompts()
+    ref = greedy(model, ids, mask)
+    calls = []
+
+    def broken_compiled_call(compile_config):
+        def run(*args, **kwargs):
+            calls.append(1)
+            raise torch._dynamo.exc.InternalTorchDynamoError("simulated compiler crash")
+        return run
+
+    monkeypatch.setattr(model, "get_compiled_call", broken_compiled_call)
+    fp.apply(model, {"defaults": {"compile": True}}, hardware=CPU)
+    assert fp.plan_of(model).pass_status(COMPILE_PASS).status == "applied"
+    with caplog.at_level(logging.WARNING, logger="transformers_fastpath"):
+        assert torch.equal(greedy(model, ids, mask), ref)
+    assert calls == [1]
+    assert [r for r in caplog.records if "simulated compiler crash" in r.getMessage()]
+    status = fp.plan_of(model).pass_status(COMPILE_PASS)
+    assert status.status == "failed" and "simulated compiler crash" in status.reason
+    assert torch.equal(greedy(model, ids, mask), ref)
+    assert calls == [1]  # compile stays off for this model
+    assert _runtime(model).last_request.updates.get("disable_compile") is True
+
+
+def test_compile_failure_raises_in_strict_mode(fresh_llama, monkeypatch) -> None:
+    import torch._dynamo.exc
+
+    def broken_compiled_call(compile_config):
+        def run(*args, **kwargs):
+            raise torch._dynamo.exc.InternalTorchDynamoError("simulated compiler crash")
+        return run
+
+    model = fresh_llama
+    monkeypatch.setattr(model, "get_compiled_call", broken_compiled_call)
+    fp.apply(model, {"defaults": {"compile": True, "strict": True}}, hardware=CPU)
+    ids, mask = prompts()
+    with pytest.raises(StrictModeError, match="simulated compiler crash"):
+        greedy(model, ids, mask)
+
+
+def test_compile_on_cpu_when_forced_matches_default(fresh_llama) -> None:
+    """One real torch.compile (inductor on CPU, tens of seconds): the decode step is compiled by
+    transformers' own mechanism, and the tokens are unchanged."""
+    model = fresh_llama
+    ids, mask = prompts()
+    ref = greedy(model, ids, mask)
+    fp.apply(model, {"defaults": {"compile": True}}, hardware=CPU)
+    assert fp.plan_of(model).pass_status(COMPILE_PASS).status == "applied"
+    assert torch.equal(greedy(model, ids, mask), ref)
+    assert hasattr(model, "_compiled_call")  # transformers' get_compiled_call ran
+    request = _runtime(model).last_request
+    assert request.compiles and request.updates["compile_config"].mode == "default"
+    assert fp.plan_of(model).pass_status(COMPILE_PASS).status == "applied"
+
+
+def _runtime(model: torch.nn.Module) -> FastGenerate | None:
+    from transformers_fastpath.passes.instance_methods import get_layer
+
+    layer = get_layer(model, "generate", STATIC_PASS)
+    return getattr(layer, "__self__", None)

@@ -1,0 +1,29 @@
+"""Fast ``generate``: a static, bucketed KV cache and transformers' own compile of the decode step."""
+
+from .cache_length import bucket_cache_len, describe_buckets
+from .passes import (
+    COMPILE_PASS,
+    GENERATION_TASKS,
+    STATIC_PASS,
+    CompilePass,
+    FastGenerate,
+    StaticCachePass,
+    is_generative,
+    model_class,
+)
+from .request import GenerateRequest, plan_request
+
+__all__ = [
+    "COMPILE_PASS",
+    "GENERATION_TASKS",
+    "STATIC_PASS",
+    "CompilePass",
+    "FastGenerate",
+    "GenerateRequest",
+    "StaticCachePass",
+    "bucket_cache_len",
+    "describe_buckets",
+    "is_generative",
+    "model_class",
+    "plan_request",
+]

@@ -1,0 +1,235 @@
+"""The generation passes: a static, bucketed KV cache for ``generate``, and transformers' own compile of it.
+
+Both work through one layer around the model's ``generate`` (an instance-level override, see
+:mod:`..instance_methods`; parameters are never touched, so the state_dict stays canonical):
+
+- ``generate_static_cache`` (setting ``static_cache``) adds ``cache_implementation="static"``
+  and a bucketed ``max_cache_len`` to each call that leaves the cache unset;
+- ``generate_compile`` (setting ``compile``) lets transformers compile the decode step, which it
+  does by itself for a static cache (``GenerationMixin._valid_auto_compile_criteria`` ->
+  ``get_compiled_call``, mode ``reduce-overhead`` on CUDA); without it, fastpath passes
+  ``disable_compile=True`` so a static cache stays uncompiled.
+
+If compilation fails in a call, the call is re-run without compile (when no streamer of the
+caller's has seen tokens yet), compile stays off for the model, the plan records the failure,
+and a warning says so once; strict mode raises instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ...errors import PassSkipped, StrictModeError
+from ..instance_methods import add_layer, get_layer, remove_layer
+from .request import GenerateRequest, apply_updates, bind_generate_call, plan_request
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ...model_info import ModelInfo
+    from ...plan import Plan, PlanBuilder
+
+__all__ = ["COMPILE_PASS", "GENERATION_TASKS", "STATIC_PASS", "CompilePass", "FastGenerate", "StaticCachePass",
+           "is_generative", "model_class"]
+
+logger = logging.getLogger(__name__)
+
+STATIC_PASS = "generate_static_cache"
+COMPILE_PASS = "generate_compile"
+
+GENERATION_TASKS = frozenset({
+    "text-generation", "text2text-generation", "summarization", "translation", "image-text-to-text",
+})
+
+
+def is_generative(info: ModelInfo) -> bool:
+    """Whether ``generate`` is how this model is used: by pipeline task, else by architecture."""
+    if info.task is not None:
+        return info.task in GENERATION_TASKS
+    if info.is_causal_lm:
+        return True
+    return info.is_encoder_decoder and any(a.endswith("ForConditionalGeneration") for a in info.architectures)
+
+
+def model_class(info: ModelInfo) -> type | None:
+    """The transformers class named by the config's architectures, when transformers has it."""
+    import transformers
+
+    for arch in info.architectures:
+        cls = getattr(transformers, arch, None)
+        if isinstance(cls, type):
+            return cls
+    return None
+
+
+class FastGenerate:
+    """The per-model runtime behind the layer around ``generate``.
+
+    Attributes:
+        compile: whether fastpath lets transformers compile the decode step (the compile pass sets it).
+        compile_error: why compilation failed on this model, once it has (compile then stays off).
+        last_request: the decision for the latest call (what ``explain`` cannot know in advance).
+    """
+
+    def __init__(self, *, strict: bool, label: str) -> None:
+        self.compile = False
+        self.strict = strict
+        self.label = label
+        self.compile_error: str | None = None
+        self.last_request: GenerateRequest | None = None
+        self._dynamic_reasons: set[str] = set()
+
+    def around_generate(self, model: Any, inner: Any, *args: Any, **kwargs: Any) -> Any:
+        """Layer around ``model.generate`` (see :func:`..instance_methods.add_layer`)."""
+        call = bind_generate_call(model, args, kwargs)
+        request = plan_request(model, call, compile=self.compile and self.compile_error is None)
+        self.last_request = request
+        if not request.static:
+            if request.reason not in self._dynamic_reasons:
+                self._dynamic_reasons.add(request.reason)
+                logger.debug("fastpath (%s): generate keeps the dynamic cache: %s", self.label, request.reason)
+            return inner(*args, **kwargs)
+        new_args, new_kwargs = apply_updates(model, args, kwargs, request.updates)
+        if not request.compiles:
+            return inner(*new_args, **new_kwargs)
+        try:
+            return inner(*new_args, **new_kwargs)
+        except Exception as exc:
+            if not _is_compile_failure(exc):
+                raise
+            reason = f"torch.compile failed: {type(exc).__name__}: {_first_line(exc)}"
+            if self.strict:
+                raise StrictModeError(f"{COMPILE_PASS} ({self.label}): {reason}; strict mode does not fall back. "
+                                      "Set compile = false in the policy, or strict = false.") from exc
+            self.compile_error = reason
+            _record_compile_failure(model, reason)
+            if call.get("streamer") is not None:
+                raise RuntimeError(f"fastpath: {reason}. The streamer had already received tokens, so this call "
+                                   "is not re-run; compile is now off for this model and later calls run "
+                                   "without it.") from exc
+            logger.warning("fastpath (%s): %s; generate runs without compile on this model from now on "
+                           "(set compile = false in the policy to skip the attempt).", self.label, reason)
+        retry = plan_request(model, call, compile=False)
+        self.last_request = retry
+        retry_args, retry_kwargs = apply_updates(model, args, kwargs, retry.updates)
+        return inner(*retry_args, **retry_kwargs)
+
+
+class StaticCachePass:
+    """``static_cache``: a static KV cache sized to each ``generate`` call's bucketed length."""
+
+    name = STATIC_PASS
+    setting = "static_cache"
+    changes_state_dict = False
+
+    def supports(self, info: ModelInfo, plan: PlanBuilder | Plan) -> str | None:
+        if not is_generative(info):
+            return "not a generative model (no generate call to speed up)"
+        cls = model_class(info)
+        if cls is not None and not getattr(cls, "_can_compile_fullgraph", False):
+            return f"{cls.__name__} has no static KV cache support in transformers (_can_compile_fullgraph = False)"
+        return None
+
+    def apply(self, model: nn.Module, plan: Plan) -> None:
+        if not callable(getattr(model, "generate", None)) or getattr(model, "generation_config", None) is None:
+            raise PassSkipped(f"{type(model).__name__} has no generate()")
+        if not getattr(type(model), "_can_compile_fullgraph", False):
+            raise PassSkipped(f"{type(model).__name__} has no static KV cache support in transformers "
+                              "(_can_compile_fullgraph = False)")
+        runtime = FastGenerate(strict=plan.strict, label=plan.model.name or type(model).__name__)
+        add_layer(model, "generate", self.name, runtime.around_generate)
+
+    def revert(self, model: nn.Module) -> None:
+        remove_layer(model, "generate", self.name)
+
+
+class CompilePass:
+    """``compile``: let transformers compile the decode step of a static-cache ``generate``."""
+
+    name = COMPILE_PASS
+    setting = "compile"
+    changes_state_dict = False
+
+    def supports(self, info: ModelInfo, plan: PlanBuilder | Plan) -> str | None:
+        if plan.get("static_cache") is not True:
+            return (f"transformers compiles generate only with a static cache, and static_cache is "
+                    f"{plan.get('static_cache')}")
+        static = plan.pass_status(STATIC_PASS)
+        if static is not None and not static.will_run:
+            return f"the static cache does not run ({static.reason})"
+        return None
+
+    def apply(self, model: nn.Module, plan: Plan) -> None:
+        runtime = _runtime_of(model)
+        if runtime is None:
+            raise PassSkipped("the static cache pass is not applied, and transformers compiles generate only "
+                              "with a static cache")
+        problem = _compile_problem(model)
+        if problem is not None:
+            raise PassSkipped(problem)
+        runtime.compile = True
+
+    def revert(self, model: nn.Module) -> None:
+        runtime = _runtime_of(model)
+        if runtime is not None:
+            runtime.compile = False
+
+
+# -- helpers ------------------------------------------------------------------------
+
+def _runtime_of(model: Any) -> FastGenerate | None:
+    layer = get_layer(model, "generate", STATIC_PASS)
+    runtime = getattr(layer, "__self__", None)
+    return runtime if isinstance(runtime, FastGenerate) else None
+
+
+def _compile_problem(model: Any) -> str | None:
+    """Why torch.compile cannot run for this model here, or None."""
+    try:
+        import torch._dynamo
+
+        if not torch._dynamo.is_dynamo_supported():
+            return "torch.compile (dynamo) is not supported on this Python/platform"
+    except Exception as exc:  # a broken torch install must not break loading
+        return f"torch.compile is unavailable: {type(exc).__name__}: {exc}"
+    device = getattr(getattr(model, "device", None), "type", "cpu")
+    if device in ("cuda", "xpu") and importlib.util.find_spec("triton") is None:
+        return f"torch.compile's inductor needs triton on {device}, which is not installed"
+    if getattr(model, "hf_quantizer", None) is not None and not getattr(model.hf_quantizer, "is_compileable", True):
+        return "this quantization method cannot be compiled"
+    return None
+
+
+def _is_compile_failure(exc: BaseException) -> bool:
+    """An error raised by dynamo or inductor (also when wrapped)."""
+    try:
+        import torch._dynamo.exc as dynamo_exc
+        import torch._inductor.exc as inductor_exc
+    except ImportError:
+        return False
+    types_: tuple[type, ...] = tuple(t for t in (
+        getattr(dynamo_exc, "TorchDynamoException", None), getattr(inductor_exc, "InductorError", None),
+    ) if isinstance(t, type))
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, types_):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _record_compile_failure(model: Any, reason: str) -> None:
+    from ..runner import PLAN_ATTR
+
+    plan = getattr(model, PLAN_ATTR, None)
+    if plan is not None and plan.pass_status(COMPILE_PASS) is not None:
+        object.__setattr__(model, PLAN_ATTR, plan.with_pass_status(COMPILE_PASS, "failed", reason))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else "")[:200]

@@ -1,0 +1,128 @@
+"""Reversible, stackable overrides of a model's methods on the instance (the way accelerate hooks work).
+
+A pass that needs to run code around ``model.forward`` or ``model.generate`` adds a *layer*::
+
+    add_layer(model, "generate", owner="my_pass", around=my_around)
+
+    def my_around(model, inner, *args, **kwargs):
+        ...                                  # before
+        return inner(*args, **kwargs)        # the next layer, or the original method
+
+The first layer puts one dispatcher in the instance's ``__dict__`` (the class is never touched,
+parameters are never touched, so ``state_dict`` stays canonical); :func:`remove_layer` of the
+last layer deletes it again, or puts back an instance attribute that was there before (an
+accelerate hook). Layers of several passes stack: the one added last runs outermost, and any
+layer can be removed in any order.
+
+The dispatcher is bound with :class:`types.MethodType`, and the layers live in a dict on the
+model, so ``copy.deepcopy(model)`` gives a copy whose overrides call the copy, not the original.
+``inspect.signature(model.forward)`` still shows the original parameters (``generate`` inspects
+``forward``'s signature to decide which inputs to pass).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["LAYERS_ATTR", "Around", "add_layer", "get_layer", "remove_layer"]
+
+LAYERS_ATTR = "_fastpath_method_layers"
+
+Around = Callable[..., Any]
+"""``around(model, inner, *args, **kwargs) -> result``; call ``inner(*args, **kwargs)`` to go on."""
+
+
+class _Sentinel(enum.Enum):
+    MISSING = "missing"  # an enum member survives copy.deepcopy as itself
+
+
+_MISSING = _Sentinel.MISSING
+
+
+@dataclass
+class _Stack:
+    """The layers around one method of one model, innermost first."""
+
+    previous: Any  # the instance attribute found before the first layer, or _MISSING
+    dispatcher: Any  # the bound dispatcher this module put in the instance __dict__
+    layers: list[tuple[str, Around]] = field(default_factory=list)
+
+
+def add_layer(model: Any, method: str, owner: str, around: Around) -> None:
+    """Run ``around`` around ``model.<method>`` from now on (outermost of the existing layers).
+
+    Raises:
+        ValueError: ``owner`` already has a layer on this method, or the model has no such method.
+    """
+    if not callable(getattr(type(model), method, None)) and method not in vars(model):
+        raise ValueError(f"{type(model).__name__} has no method {method!r} to override")
+    stacks: dict[str, _Stack] = model.__dict__.setdefault(LAYERS_ATTR, {})
+    stack = stacks.get(method)
+    if stack is None:
+        previous = model.__dict__.get(method, _MISSING)
+        dispatcher = types.MethodType(_dispatcher_for(type(model), method), model)
+        stack = stacks[method] = _Stack(previous, dispatcher)
+        model.__dict__[method] = dispatcher
+    if any(name == owner for name, _ in stack.layers):
+        raise ValueError(f"{owner!r} already overrides {method!r} on this model; remove its layer first")
+    stack.layers.append((owner, around))
+
+
+def remove_layer(model: Any, method: str, owner: str) -> bool:
+    """Remove ``owner``'s layer from ``model.<method>``; True when there was one.
+
+    When no layer is left, the instance attribute goes back to what it was before the first
+    layer (deleted, or the earlier override) -- unless something else has since replaced our
+    dispatcher, in which case the empty dispatcher stays as a pass-through.
+    """
+    stacks: dict[str, _Stack] = model.__dict__.get(LAYERS_ATTR) or {}
+    stack = stacks.get(method)
+    if stack is None:
+        return False
+    before = len(stack.layers)
+    stack.layers = [(name, fn) for name, fn in stack.layers if name != owner]
+    removed = len(stack.layers) != before
+    if not stack.layers and _is_ours(model.__dict__.get(method), stack):
+        if stack.previous is _MISSING:
+            model.__dict__.pop(method, None)
+        else:
+            model.__dict__[method] = stack.previous
+        del stacks[method]
+        if not stacks:
+            del model.__dict__[LAYERS_ATTR]
+    return removed
+
+
+def get_layer(model: Any, method: str, owner: str) -> Around | None:
+    """``owner``'s layer on ``model.<method>``, or None."""
+    stacks: dict[str, _Stack] | None = model.__dict__.get(LAYERS_ATTR)
+    stack = stacks.get(method) if stacks else None
+    if stack is None:
+        return None
+    return next((fn for name, fn in stack.layers if name == owner), None)
+
+
+def _is_ours(value: Any, stack: _Stack) -> bool:
+    return (isinstance(value, types.MethodType) and value.__func__ is stack.dispatcher.__func__
+            and value.__self__ is stack.dispatcher.__self__)
+
+
+@functools.cache
+def _dispatcher_for(cls: type, method: str) -> Callable[..., Any]:
+    """One dispatcher function per (class, method); it finds the layers on the instance at call time."""
+
+    def dispatcher(self: Any, *args: Any, **kwargs: Any) -> Any:
+        stack: _Stack = self.__dict__[LAYERS_ATTR][method]
+        call = getattr(cls, method).__get__(self, cls) if stack.previous is _MISSING else stack.previous
+        for _, around in stack.layers:
+            call = functools.partial(around, self, call)
+        return call(*args, **kwargs)
+
+    original = getattr(cls, method)
+    functools.update_wrapper(dispatcher, original)  # __wrapped__: inspect.signature sees the real parameters
+    return dispatcher

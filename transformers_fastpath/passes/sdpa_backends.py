@@ -1,0 +1,446 @@
+"""The ``sdpa_backends`` pass: run a model's SDPA attention through an ordered chain of kernels.
+
+Around the top-level model's ``forward`` and ``generate`` (instance-level overrides, see
+:mod:`.instance_methods`; parameters are never touched), the pass enters
+``torch.nn.attention.sdpa_kernel(chain, set_priority=True)``: every attention call takes the
+first backend of the chain that has a kernel for its inputs -- torch itself falls through the
+chain per call, so a decode step can use one backend and a padded prefill the next.
+
+Before the first call of each kind (unpadded, single-token decode, masked), a tiny probe tells
+which backends of the chain run the model's attention geometry (heads, KV heads, head dim),
+dtype and device. When the first backend cannot, the next one in the chain serves those calls:
+this is logged once per model (at INFO for the chains fastpath chose itself, WARNING for a
+policy's), and in strict mode it raises :class:`StrictModeError` instead.
+When no backend in the chain can, torch's remaining backends are appended (logged; strict
+raises). Should a call still end in "No available kernel", it is re-run once with every backend
+allowed, when re-running is safe (no cache object or streamer of the caller's is involved).
+
+Calls that record autograd (training) use a chain without cuDNN when the chain is fastpath's own
+(``auto``): cuDNN's attention backward has produced NaN gradients on Hopper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import inspect
+import logging
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..errors import PassSkipped, StrictModeError
+from .instance_methods import add_layer, remove_layer
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..model_info import ModelInfo
+    from ..plan import Plan, PlanBuilder
+
+__all__ = [
+    "BACKEND_NAMES",
+    "TORCH_DEFAULT_ORDER",
+    "AttentionGeometry",
+    "BackendChain",
+    "SdpaBackendsPass",
+    "available_backends",
+    "is_no_kernel_error",
+    "probe_backend",
+    "training_chain",
+]
+
+logger = logging.getLogger(__name__)
+
+# Policy name -> torch.nn.attention.SDPBackend member.
+BACKEND_NAMES: dict[str, str] = {
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "math": "MATH",
+}
+# torch's own priority when nothing is chosen (torch._C._get_sdp_priority_order() on 2.13).
+TORCH_DEFAULT_ORDER: tuple[str, ...] = ("flash", "efficient", "math", "cudnn")
+
+CallKind = Literal["full", "decode", "masked"]
+_KIND_TEXT = {"full": "unmasked attention", "decode": "single-token decode attention",
+              "masked": "masked (padded or static-cache) attention"}
+_NO_KERNEL = re.compile(r"No available kernel|No viable backend for scaled_dot_product_attention")
+_STATIC_CACHES = ("static", "offloaded_static")
+
+# True while a chain is active in this thread/task: inner forward calls of generate pass through.
+_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("transformers_fastpath_sdpa_active", default=False)
+
+
+def available_backends() -> tuple[str, ...]:
+    """The backend names this torch build knows (all four on torch >= 2.5)."""
+    from torch.nn.attention import SDPBackend
+
+    return tuple(name for name, member in BACKEND_NAMES.items() if hasattr(SDPBackend, member))
+
+
+def is_no_kernel_error(exc: BaseException) -> bool:
+    """True for torch's "no kernel for these inputs" RuntimeError (CUDA and CPU wording), also when wrapped."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, RuntimeError) and _NO_KERNEL.search(str(current)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    """What an attention call of this model looks like to a kernel."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, model: Any) -> AttentionGeometry:
+        """Read it from the model's (decoder) text config; 4 heads of 64 when the config says nothing."""
+        config = model.config
+        with contextlib.suppress(AttributeError, TypeError, ValueError):
+            config = config.get_text_config(decoder=True)
+        heads = _positive_int(getattr(config, "num_attention_heads", None)) or 4
+        kv_heads = _positive_int(getattr(config, "num_key_value_heads", None)) or heads
+        hidden = _positive_int(getattr(config, "hidden_size", None))
+        head_dim = _positive_int(getattr(config, "head_dim", None)) or (hidden // heads if hidden else 64)
+        return cls(heads, kv_heads if heads % kv_heads == 0 else heads, head_dim)
+
+
+def probe_backend(backend: str, kind: CallKind, geometry: AttentionGeometry, device: torch.device,
+                  dtype: torch.dtype) -> str | None:
+    """Run one tiny attention call of ``kind`` on ``backend`` alone: None when it runs, else why not.
+
+    The call is shaped like transformers' ``sdpa_attention_forward``: grouped KV heads use
+    ``enable_gqa`` when there is no mask, and are repeated when there is one.
+    """
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    member = getattr(SDPBackend, BACKEND_NAMES[backend], None)
+    if member is None:
+        return "not in this torch build"
+    q_len = 1 if kind == "decode" else 8
+    kv_len = 8
+    gqa = kind != "masked" and geometry.num_kv_heads != geometry.num_heads
+    kv_heads = geometry.num_kv_heads if gqa else geometry.num_heads
+    kwargs: dict[str, Any] = {"enable_gqa": True} if gqa else {}
+    if kind == "masked":
+        kwargs["attn_mask"] = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device).tril()
+    elif kind == "full":
+        kwargs["is_causal"] = True
+    try:
+        q = torch.zeros(1, geometry.num_heads, q_len, geometry.head_dim, dtype=dtype, device=device)
+        kv = torch.zeros(1, kv_heads, kv_len, geometry.head_dim, dtype=dtype, device=device)
+        with warnings.catch_warnings(), sdpa_kernel([member]), torch.no_grad():
+            warnings.simplefilter("ignore")  # torch explains each refusal in a UserWarning; we report it ourselves
+            torch.nn.functional.scaled_dot_product_attention(q, kv, kv, **kwargs)
+    except RuntimeError as exc:
+        return _first_line(exc)
+    return None
+
+
+class BackendChain:
+    """The per-model runtime of the pass: picks the backends for each call and logs fallbacks once.
+
+    Args:
+        chain: backend names in priority order (``("flash", "math")``).
+        strict: raise :class:`StrictModeError` instead of falling back.
+        label: how log messages name the model.
+        grad_chain: the chain for calls that record autograd (training); ``chain`` when None.
+        quiet: log the first fallback at INFO instead of WARNING (chains fastpath chose itself,
+            where a fallback such as flash -> cudnn for masked calls is expected).
+    """
+
+    def __init__(self, chain: Sequence[str], *, strict: bool, label: str, grad_chain: Sequence[str] | None = None,
+                 quiet: bool = False) -> None:
+        for name, value in (("chain", chain), ("grad_chain", grad_chain)):
+            if value is None:
+                continue
+            if not value:
+                raise ValueError(f"BackendChain: {name} needs at least one backend")
+            unknown = [b for b in value if b not in BACKEND_NAMES]
+            if unknown:
+                raise ValueError(f"BackendChain: unknown SDPA backends {unknown} in {name}; "
+                                 f"use names from {sorted(BACKEND_NAMES)}")
+        self.chain = tuple(chain)
+        self.grad_chain = tuple(grad_chain) if grad_chain else self.chain
+        self.strict = strict
+        self.label = label
+        self.quiet = quiet
+        self._probes: dict[tuple[CallKind, str, str], dict[str, str | None]] = {}
+        self._selected: dict[tuple[tuple[str, ...], frozenset[CallKind], str, str], list[Any]] = {}
+        self._logged = False
+
+    # -- choosing ---------------------------------------------------------------
+    def backends_for(self, model: Any, kinds: Iterable[CallKind], *, grad: bool = False) -> list[Any]:
+        """The ``SDPBackend`` list (priority order) to run calls of ``kinds`` on this model."""
+        device, dtype = _device_and_dtype(model)
+        chain = self.grad_chain if grad else self.chain
+        key = (chain, frozenset(kinds), str(device), str(dtype))
+        selected = self._selected.get(key)
+        if selected is None:
+            selected = self._select(model, chain, key[1], device, dtype)
+            self._selected[key] = selected
+        return selected
+
+    def _select(self, model: Any, chain: tuple[str, ...], kinds: frozenset[CallKind], device: Any,
+                dtype: Any) -> list[Any]:
+        geometry = AttentionGeometry.of(model)
+        names = list(chain)
+        first = names[0]
+        shown = f"[{', '.join(chain)}]"
+        for kind in sorted(kinds):
+            results = self._probe(kind, geometry, device, dtype)
+            if results[first] is None:
+                continue
+            serving = next((name for name in names if results[name] is None), None)
+            where = (f"{_KIND_TEXT[kind]} on {device} {str(dtype).removeprefix('torch.')} "
+                     f"(heads {geometry.num_heads}/{geometry.num_kv_heads}, head dim {geometry.head_dim})")
+            if self.strict:
+                raise StrictModeError(
+                    f"sdpa_backends: {first!r}, first in {shown}, has no kernel for {where}: "
+                    f"{results[first]}. Strict mode does not fall back; put a backend that runs these inputs "
+                    f"first in sdpa_backends, or set strict = false.")
+            if serving is None:
+                extra = [name for name in _torch_order() if name not in names]
+                names += extra
+                self._log_once(f"no backend in sdpa_backends {shown} has a kernel for {where} "
+                               f"({first}: {results[first]}); torch's other backends [{', '.join(extra)}] are "
+                               "allowed for this model")
+            else:
+                self._log_once(f"SDPA backend {first!r} has no kernel for {where} ({results[first]}); "
+                               f"{serving!r}, next in sdpa_backends {shown}, runs those calls")
+        return _members(names)
+
+    def _probe(self, kind: CallKind, geometry: AttentionGeometry, device: Any, dtype: Any) -> dict[str, str | None]:
+        key = (kind, str(device), str(dtype))
+        results = self._probes.get(key)
+        if results is None:
+            results = {name: probe_backend(name, kind, geometry, device, dtype) for name in BACKEND_NAMES}
+            self._probes[key] = results
+        return results
+
+    def _log_once(self, message: str) -> None:
+        if self._logged:
+            logger.debug("fastpath (%s): %s", self.label, message)
+            return
+        self._logged = True
+        logger.log(logging.INFO if self.quiet else logging.WARNING,
+                   "fastpath (%s): %s. Logged once per model; set sdpa_backends in the policy to choose "
+                   "another order.", self.label, message)
+
+    # -- running ----------------------------------------------------------------
+    def around_forward(self, model: Any, inner: Any, *args: Any, **kwargs: Any) -> Any:
+        """Layer around ``model.forward`` (see :func:`.instance_methods.add_layer`)."""
+        import torch
+
+        if torch.compiler.is_compiling() or _ACTIVE.get():
+            return inner(*args, **kwargs)
+        call = _bind(type(model), "forward", args, kwargs)
+        kinds = _forward_kinds(call)
+        retry_safe = call.get("past_key_values") is None and call.get("cache") is None
+        return self._run(model, inner, args, kwargs, kinds, retry_safe)
+
+    def around_generate(self, model: Any, inner: Any, *args: Any, **kwargs: Any) -> Any:
+        """Layer around ``model.generate``: one chain for the whole call, inner forwards pass through."""
+        if _ACTIVE.get():
+            return inner(*args, **kwargs)
+        call = _bind(type(model), "generate", args, kwargs)
+        kinds = _generate_kinds(model, call)
+        retry_safe = call.get("streamer") is None and call.get("past_key_values") is None and call.get("cache") is None
+        return self._run(model, inner, args, kwargs, kinds, retry_safe)
+
+    def _run(self, model: Any, inner: Any, args: tuple, kwargs: dict[str, Any], kinds: frozenset[CallKind],
+             retry_safe: bool) -> Any:
+        import torch
+        from torch.nn.attention import sdpa_kernel
+
+        grad = torch.is_grad_enabled()
+        backends = self.backends_for(model, kinds, grad=grad)
+        chain = self.grad_chain if grad else self.chain
+        token = _ACTIVE.set(True)
+        try:
+            with sdpa_kernel(backends, set_priority=True):
+                return inner(*args, **kwargs)
+        except RuntimeError as exc:
+            if not is_no_kernel_error(exc):
+                raise
+            names = ", ".join(chain)
+            if self.strict:
+                raise StrictModeError(f"sdpa_backends [{names}]: no kernel for an attention call of "
+                                      f"{self.label} ({_first_line(exc)}); strict mode does not fall back") from exc
+            if not retry_safe:
+                raise RuntimeError(f"fastpath: no backend in sdpa_backends [{names}] has a kernel for an attention "
+                                   f"call of {self.label}, and the call cannot be re-run safely (it uses your cache "
+                                   "object or streamer). Add 'math' to sdpa_backends.") from exc
+            self._log_once(f"no backend in sdpa_backends [{names}] had a kernel for an attention call "
+                           f"({_first_line(exc)}); the call was re-run with every backend allowed")
+        finally:
+            _ACTIVE.reset(token)
+        everything = _members([*chain, *(n for n in _torch_order() if n not in chain)])
+        token = _ACTIVE.set(True)
+        try:
+            with sdpa_kernel(everything, set_priority=True):
+                return inner(*args, **kwargs)
+        finally:
+            _ACTIVE.reset(token)
+
+
+class SdpaBackendsPass:
+    """Apply the plan's ``sdpa_backends`` chain around ``forward`` and ``generate`` (reversible).
+
+    Runs only when the model's attention implementation is ``sdpa``; never touches parameters,
+    so the state_dict stays canonical.
+    """
+
+    name = "sdpa_backends"
+    setting = "sdpa_backends"
+    changes_state_dict = False
+
+    def supports(self, info: ModelInfo, plan: PlanBuilder | Plan) -> str | None:
+        chain = plan.get("sdpa_backends")
+        if not isinstance(chain, (list, tuple)) or not chain:
+            return f"sdpa_backends is {chain!r}: there is no backend chain to apply"
+        attn = plan.get("attn_implementation")
+        if attn not in ("sdpa", "keep", "auto", None):
+            return f"attn_implementation is {attn}, not sdpa: the backend chain applies to SDPA attention only"
+        return None
+
+    def apply(self, model: nn.Module, plan: Plan) -> None:
+        actual = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if actual != "sdpa":
+            raise PassSkipped(f"the model runs {actual or 'unknown'} attention, not sdpa: "
+                              "the backend chain applies to SDPA attention only")
+        known = available_backends()
+        chain = [name for name in plan["sdpa_backends"] if name in known]
+        if not chain:
+            raise PassSkipped(f"none of sdpa_backends {list(plan['sdpa_backends'])} exists in this torch build")
+        decision = plan.settings.get("sdpa_backends")
+        auto = decision is not None and decision.reason.startswith("auto:")
+        runtime = BackendChain(chain, strict=plan.strict, label=plan.model.name or type(model).__name__,
+                               grad_chain=training_chain(chain) if auto else None, quiet=auto)
+        add_layer(model, "forward", self.name, runtime.around_forward)
+        if callable(getattr(model, "generate", None)):
+            add_layer(model, "generate", self.name, runtime.around_generate)
+
+    def revert(self, model: nn.Module) -> None:
+        remove_layer(model, "generate", self.name)
+        remove_layer(model, "forward", self.name)
+
+
+def training_chain(chain: Sequence[str]) -> tuple[str, ...]:
+    """An automatic chain for calls that record autograd: without cuDNN, whose attention backward
+    has given NaN gradients on Hopper (pytorch#196678, huggingface/trl#7181) while its forward is
+    fine and fastest. A chain of cuDNN alone is kept as it is."""
+    kept = tuple(name for name in chain if name != "cudnn")
+    return kept or tuple(chain)
+
+
+# -- helpers ------------------------------------------------------------------------
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]
+
+
+def _torch_order() -> tuple[str, ...]:
+    """torch's current priority order, as backend names."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    by_value = {int(getattr(SDPBackend, member)): name for name, member in BACKEND_NAMES.items()
+                if hasattr(SDPBackend, member)}
+    try:
+        order = tuple(by_value[int(v)] for v in torch._C._get_sdp_priority_order() if int(v) in by_value)
+    except AttributeError:  # older torch: no priority order API
+        order = ()
+    return order + tuple(n for n in TORCH_DEFAULT_ORDER if n not in order and n in by_value.values())
+
+
+def _members(names: Iterable[str]) -> list[Any]:
+    from torch.nn.attention import SDPBackend
+
+    return [getattr(SDPBackend, BACKEND_NAMES[name]) for name in names if hasattr(SDPBackend, BACKEND_NAMES[name])]
+
+
+def _device_and_dtype(model: Any) -> tuple[Any, Any]:
+    import torch
+
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.device, param.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+@functools.lru_cache(maxsize=256)
+def _signature(cls: type, method: str) -> inspect.Signature | None:
+    try:
+        return inspect.signature(getattr(cls, method))
+    except (TypeError, ValueError):
+        return None
+
+
+def _bind(cls: type, method: str, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name (``**kwargs`` flattened); the keyword arguments alone if binding fails."""
+    signature = _signature(cls, method)
+    if signature is None or not args:
+        return dict(kwargs)
+    try:
+        bound = signature.bind_partial(None, *args, **kwargs)  # None stands for self
+    except TypeError:
+        return dict(kwargs)
+    named = dict(bound.arguments)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and name in named:
+            named.update(named.pop(name))
+    return named
+
+
+def _has_padding(mask: Any) -> bool:
+    import torch
+
+    if not isinstance(mask, torch.Tensor):
+        return False
+    if mask.dim() != 2:  # a custom 3D/4D mask: transformers passes it on as a mask
+        return True
+    return bool((mask == 0).any())
+
+
+def _is_static_cache(cache: Any) -> bool:
+    self_attention = getattr(cache, "self_attention_cache", cache)
+    return bool(getattr(self_attention, "is_compileable", False)) and type(self_attention).__name__ != "DynamicCache"
+
+
+def _forward_kinds(call: dict[str, Any]) -> frozenset[CallKind]:
+    if _has_padding(call.get("attention_mask")) or _is_static_cache(call.get("past_key_values") or call.get("cache")):
+        return frozenset({"masked"})
+    tokens = call.get("input_ids")
+    if tokens is None:
+        tokens = call.get("inputs_embeds")
+    shape: tuple[Any, ...] = tuple(getattr(tokens, "shape", ()))
+    length = int(shape[1]) if len(shape) >= 2 else 2
+    return frozenset({"decode" if length == 1 else "full"})
+
+
+def _generate_kinds(model: Any, call: dict[str, Any]) -> frozenset[CallKind]:
+    config = call.get("generation_config")
+    implementation = call.get("cache_implementation") or getattr(config, "cache_implementation", None) or getattr(
+        getattr(model, "generation_config", None), "cache_implementation", None)
+    static = implementation in _STATIC_CACHES or _is_static_cache(call.get("past_key_values") or call.get("cache"))
+    if static or _has_padding(call.get("attention_mask")):
+        return frozenset({"masked"})
+    return frozenset({"full", "decode"})
