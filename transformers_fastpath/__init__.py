@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .plan import Decision, PassStatus, Plan
     from .policy import Policy, load_policy
     from .resolve import resolve
+    from .trainer import FastpathCallback
 
 _LAZY: dict[str, str] = {
     "install": "interception.install",
@@ -53,6 +54,7 @@ _LAZY: dict[str, str] = {
     "plan_of": "api",
     "pipeline": "api",
     "hookimpl": "hookspecs",
+    "FastpathCallback": "trainer",
 }
 
 __all__ = ["__version__", *_LAZY]
