@@ -123,7 +123,7 @@ def run_workload(name: str, *, repeats: int | None = None, quick: bool = False, 
     if workload is None:
         raise SystemExit(f"unknown workload {name!r}; available: {', '.join(WORKLOADS)}")
     args = {**workload.defaults, **(options or {}), "quick": quick}
-    repeats = repeats or (2 if quick else 7)
+    repeats = repeats or (1 if quick else 7)
     variants, check, meta = workload.setup(args)
     device = meta.get("device", "cpu")
 
@@ -193,7 +193,7 @@ def _setup_feature_extraction(args: dict[str, Any]):
     from .interception import patches
 
     model = args.get("model") or bundled_minilm_path()
-    n = 64 if args["quick"] else int(args.get("sentences", 320))
+    n = 32 if args["quick"] else int(args.get("sentences", 320))
     batch_size = int(args.get("batch_size", 32))
     sentences = varied_sentences(n)
     hw = Hardware.detect()

@@ -12,7 +12,7 @@ __all__ = ["main"]
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from .errors import PolicyError
+    from .errors import FastpathError, PolicyError
     from .hardware import Hardware
     from .resolve import resolve
 
@@ -25,6 +25,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         plan = resolve(args.model, task=args.task, policy=args.policy, hardware=hardware)
     except PolicyError as exc:
         print(f"transformers-fastpath explain: invalid policy: {exc}", file=sys.stderr)
+        return 2
+    except FastpathError as exc:  # e.g. quantization_fallback = "error" and the method cannot run
+        print(f"transformers-fastpath explain: {exc}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:
         print(f"transformers-fastpath explain: cannot read the config of {args.model!r}: {exc}", file=sys.stderr)
