@@ -27,6 +27,8 @@ CALL_KWARG_SETTINGS: dict[str, str] = {
     "attn_implementation": "attn_implementation",
     "quantization_config": "quantization",
     "device_map": "placement",
+    "tp_plan": "placement",
+    "distributed_config": "placement",
     "device": "device",
     "batch_size": "batch_size",
 }
@@ -58,7 +60,7 @@ def resolve(
     hardware = hardware or Hardware.detect()
     info = ModelInfo.of(model_or_path_or_config, task=task)
     pm = get_plugin_manager()
-    builder = PlanBuilder(info, hardware, policy)
+    builder = PlanBuilder(info, hardware, policy, call_kwargs=call_kwargs)
 
     for key, setting in SETTINGS.items():
         builder.set(key, setting.default, source=SOURCE_DEFAULT)

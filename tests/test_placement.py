@@ -1,0 +1,322 @@
+"""Placement from the policy: plans per hardware, forbidden mixes, replicas on CPU, tensor parallel under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+import transformers_fastpath as fp
+from transformers_fastpath import Hardware, resolve
+from transformers_fastpath import quantization as q
+from transformers_fastpath.errors import PolicyError, StrictModeError
+from transformers_fastpath.placement import PlacementError, tensor_parallel_kwargs
+from transformers_fastpath.replicas import (
+    disable_replicas,
+    enable_replicas,
+    replicas_of,
+    split_contiguous,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+H100 = Hardware.from_profile("h100")
+H100x2 = Hardware.from_profile("2xh100")
+GPU16x2 = Hardware.from_profile("cuda:2x16:sm89")
+CPU = Hardware.from_profile("cpu")
+TORCHRUN2 = Hardware(device="cuda", count=2, memory_gib=80, capability=(9, 0), distributed_world_size=2)
+
+
+def bert():
+    from transformers import BertConfig
+
+    return BertConfig(architectures=["BertForSequenceClassification"])
+
+
+def llama(size: str = "8B"):
+    from transformers import LlamaConfig
+
+    sizes = {"8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32),
+             "70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64)}
+    kw = {"num_attention_heads": 32, "num_key_value_heads": 8, **sizes[size]}
+    return LlamaConfig(vocab_size=128256, architectures=["LlamaForCausalLM"], **kw)
+
+
+def llama70b():
+    return llama("70B")
+
+
+@pytest.fixture
+def bnb_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(q, "_version", lambda package: (0, 50, 2) if package == "bitsandbytes" else None)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    q._warned.clear()
+    yield
+    q._warned.clear()
+
+
+@pytest.fixture(autouse=True)
+def _patched() -> None:
+    """``pipeline(..., fastpath=...)`` accepted, as the .pth bootstrap does for users (another test
+    module may have called ``fp.uninstall()``, which takes the wrappers away)."""
+    from transformers_fastpath.interception import patches
+
+    patches.patch_all()
+
+
+# -- plans ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config, task, hardware, placement", [
+    (bert, "text-classification", H100x2, "replicate"),  # fits one GPU, batched task, several GPUs
+    (bert, "text-classification", H100, "single"),
+    (bert, "text-classification", CPU, "single"),
+    (bert, None, H100x2, "single"),                      # from_pretrained alone: nothing to replicate
+    (llama, "text-generation", H100x2, "single"),        # generation is not a batched task
+    (llama, "text-generation", GPU16x2, "balanced"),     # 15 GiB > 12.8 GiB on one, fits two
+    (llama, "text-generation", TORCHRUN2, "tensor-parallel"),
+    (llama, None, TORCHRUN2, "single"),              # bare from_pretrained under torchrun: DDP-style copy per rank
+    (llama70b, None, TORCHRUN2, "tensor-parallel"),  # ... unless it does not fit one GPU
+    (bert, "text-classification", TORCHRUN2, "single"),  # no TP plan: data parallel, a copy per rank
+], ids=lambda v: v.describe() if isinstance(v, Hardware) else getattr(v, "__name__", str(v)))
+def test_auto_placement(config, task, hardware: Hardware, placement: str) -> None:
+    plan = resolve(config(), task=task, hardware=hardware)
+    assert plan["placement"] == placement, str(plan)
+    assert plan.settings["placement"].reason.startswith("auto: ")
+
+
+def test_balanced_load_kwargs() -> None:
+    plan = resolve(llama(), task="text-generation", hardware=GPU16x2)
+    assert plan.load_kwargs["device_map"] == "balanced"
+    assert plan.load_kwargs["max_memory"] == {0: "12.80GiB", 1: "12.80GiB"}  # 16 GiB less 20 % headroom
+    assert "fits the 2 GPUs (budget 25.6 GiB" in plan.settings["placement"].reason
+    offload = resolve(llama("70B"), task="text-generation", hardware=H100x2)  # 131 GiB > 2 x 64 GiB
+    assert offload["placement"] == "balanced" and "cpu" in offload.load_kwargs["max_memory"]
+    assert any("CPU offload" in note for note in offload.notes)
+
+
+def test_quantization_and_sharding_compose(bnb_installed) -> None:
+    """One policy: 8-bit weights, sdpa attention, sharded over two GPUs."""
+    plan = resolve(llama("70B"), task="text-generation", hardware=H100x2,
+                   policy={"defaults": {"quantization": "auto", "attn_implementation": "sdpa"}})
+    assert (plan["placement"], plan["quantization"]) == ("balanced", "bnb-int8")
+    kwargs = plan.load_kwargs
+    assert kwargs["attn_implementation"] == "sdpa" and kwargs["device_map"] == "balanced"
+    assert kwargs["quantization_config"].load_in_8bit and set(kwargs["max_memory"]) == {0, 1}
+    one = resolve(llama(), task="text-generation", hardware=H100,
+                  policy={"defaults": {"quantization": "bnb-nf4", "attn_implementation": "sdpa"}})
+    assert one.load_kwargs["device_map"] == {"": "cuda:0"} and one.load_kwargs["attn_implementation"] == "sdpa"
+
+
+def test_tensor_parallel_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers_fastpath.builtin import placement as plugin
+
+    plan = resolve(llama(), task="text-generation", hardware=TORCHRUN2)
+    kwargs = dict(plan.load_kwargs)
+    assert "device_map" not in kwargs
+    if "distributed_config" in kwargs:  # transformers >= 5.18
+        assert kwargs["distributed_config"].tp_plan == "auto" and kwargs["distributed_config"].tp_size == 2
+    else:
+        assert kwargs["tp_plan"] == "auto"
+    assert plan["quantization"] == "none"
+    pipe_kwargs = {"device": "cuda:0", "batch_size": 8}
+    plugin.fastpath_pipeline_kwargs(plan=plan, kwargs=pipe_kwargs)
+    assert pipe_kwargs == {"batch_size": 8}  # a sharded model has no one device
+
+
+def test_tensor_parallel_kwargs_before_5_18(monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    class OldDistributedConfig:  # 5.17 and before: no tp_plan field
+        def __init__(self, enable_expert_parallel: bool = False) -> None:
+            pass
+
+    monkeypatch.setattr(transformers, "DistributedConfig", OldDistributedConfig, raising=False)
+    assert tensor_parallel_kwargs(2) == {"tp_plan": "auto"}
+    monkeypatch.setattr(transformers, "DistributedConfig", None)  # not in this transformers at all
+    assert tensor_parallel_kwargs(2) == {"tp_plan": "auto"}
+
+
+def test_data_parallel_rank_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    plan = resolve(bert(), task="text-classification", hardware=TORCHRUN2)
+    assert plan["device"] == "cuda:1" and "LOCAL_RANK" in plan.settings["device"].reason
+    assert "data parallel" in plan.settings["placement"].reason
+    assert "has no tensor-parallel plan" in plan.settings["placement"].reason
+
+
+def test_tp_needs_divisible_heads() -> None:
+    config = llama()
+    config.num_key_value_heads = 3
+    config.num_attention_heads = 33
+    plan = resolve(config, task="text-generation", hardware=TORCHRUN2)
+    assert plan["placement"] == "single" and "not divisible by the 2 ranks" in plan.settings["placement"].reason
+
+
+# -- explicit placements that cannot run, forbidden mixes, caller arguments ---------------------------
+
+def test_explicit_tensor_parallel_without_torchrun() -> None:
+    policy = {"defaults": {"placement": "tensor-parallel"}}
+    with pytest.warns(UserWarning, match="needs a torchrun"):
+        plan = resolve(llama(), task="text-generation", hardware=H100x2, policy=policy)
+    assert plan["placement"] == "single" and "tensor-parallel not possible" in plan.settings["placement"].reason
+    with pytest.raises(StrictModeError, match="tensor-parallel"):
+        resolve(llama(), hardware=H100x2, policy={"defaults": {"placement": "tensor-parallel", "strict": True}})
+
+
+@pytest.mark.parametrize("placement, hardware, why", [
+    ("replicate", H100, "needs several devices"),
+    ("balanced", CPU, "sharding needs GPUs"),
+])
+def test_explicit_placement_falls_back(placement: str, hardware: Hardware, why: str) -> None:
+    with pytest.warns(UserWarning, match=why):
+        plan = resolve(bert(), task="text-classification", hardware=hardware,
+                       policy={"defaults": {"placement": placement}})
+    assert plan["placement"] == "single" and why in plan.settings["placement"].reason
+
+
+def test_replicas_do_not_copy_quantized_weights(bnb_installed) -> None:
+    with pytest.warns(UserWarning, match="replicas copy dense weights"):
+        plan = resolve(bert(), task="text-classification", hardware=H100x2,
+                       policy={"defaults": {"placement": "replicate", "quantization": "bnb-int8"}})
+    assert (plan["placement"], plan["quantization"]) == ("single", "bnb-int8")
+
+
+def test_device_map_with_tensor_parallel_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(PlacementError, match=r"device_map='auto' together with tp_plan.*cannot combine"):
+        resolve(llama(), hardware=TORCHRUN2, call_kwargs={"device_map": "auto", "tp_plan": "auto"})
+    policy = tmp_path / "fastpath.toml"
+    policy.write_text('[defaults]\nplacement = "tensor-parallel"\n')
+    with pytest.raises(PolicyError) as info:
+        resolve(llama(), hardware=TORCHRUN2, policy=policy, call_kwargs={"device_map": "auto"})
+    message = str(info.value)
+    assert str(policy) in message and "key 'placement'" in message and "remove device_map" in message
+
+
+def test_caller_arguments_win() -> None:
+    plan = resolve(bert(), task="text-classification", hardware=H100x2, call_kwargs={"device": "cuda:1"})
+    assert plan["placement"] == "single" and "caller passed device=cuda:1" in plan.settings["placement"].reason
+    with pytest.warns(UserWarning, match="pins the model to one device"):
+        plan = resolve(bert(), task="text-classification", hardware=H100x2, call_kwargs={"device": "cuda:1"},
+                       policy={"defaults": {"placement": "balanced"}})
+    assert plan["placement"] == "single"
+    plan = resolve(llama(), task="text-generation", hardware=GPU16x2, call_kwargs={"device_map": "auto"})
+    assert plan["placement"] == "keep" and "device_map" not in plan.load_kwargs
+    plan = resolve(llama(), task="text-generation", hardware=TORCHRUN2, call_kwargs={"tp_plan": "auto"})
+    assert plan["placement"] == "keep" and not {"distributed_config", "tp_plan"} & set(plan.load_kwargs)
+
+
+def test_explain_shows_the_choice(tiny_model_factory, capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers_fastpath.cli import main
+
+    path = tiny_model_factory("bert", "seq-cls")
+    assert main(["explain", str(path), "--task", "text-classification", "--hardware", "2xh100"]) == 0
+    out = capsys.readouterr().out
+    assert "placement              replicate" in out and "one replica on each of the 2 GPUs" in out
+
+
+# -- replicas, simulated on CPU ----------------------------------------------------------------------
+
+TEXTS = [f"text number {i} " + "more words " * (i % 5) for i in range(23)]
+
+
+def test_split_contiguous() -> None:
+    assert split_contiguous(5, 2) == [range(3), range(3, 5)]
+    assert split_contiguous(1, 4) == [range(1)]
+    assert [len(r) for r in split_contiguous(23, 3)] == [8, 8, 7]
+
+
+def _labels(results):
+    return [(r["label"], round(r["score"], 5)) for r in results]
+
+
+@pytest.fixture(scope="module")
+def classifier_reference(tiny_model_factory) -> tuple[Path, list]:
+    import transformers
+
+    path = tiny_model_factory("bert", "seq-cls")
+    return path, _labels(transformers.pipeline("text-classification", model=str(path), fastpath=False)(TEXTS))
+
+
+def test_replicas_keep_order_and_results(classifier_reference) -> None:
+    import transformers
+
+    path, reference = classifier_reference
+    pipe = transformers.pipeline("text-classification", model=str(path), fastpath=False, batch_size=4)
+    cls = type(pipe)
+    enable_replicas(pipe, ["cpu", "cpu"])
+    replicas = replicas_of(pipe)
+    assert len(replicas) == 2 and isinstance(pipe, cls)
+    assert replicas[0].model is pipe.model and replicas[1].model is not pipe.model
+    assert replicas[1].tokenizer is not pipe.tokenizer
+    threads: dict[int, set[str]] = {0: set(), 1: set()}
+    for i, replica in enumerate(replicas):
+        replica.model.register_forward_hook(
+            lambda *_, i=i: threads[i].add(threading.current_thread().name))
+    assert _labels(pipe(TEXTS)) == reference
+    assert threads[0] and threads[1] and not threads[0] & threads[1]  # both replicas ran, in their own threads
+    assert _labels([pipe(TEXTS[3])[0]]) == reference[3:4]  # one input: the first replica
+    disable_replicas(pipe)
+    assert type(pipe) is cls and not replicas_of(pipe)
+
+
+def test_replicate_through_the_policy(classifier_reference, monkeypatch: pytest.MonkeyPatch) -> None:
+    """placement = replicate on a machine with two devices (two 'CPUs' stand in for two GPUs)."""
+    import transformers
+
+    path, reference = classifier_reference
+    two = Hardware(device="cpu", count=2, memory_gib=32, cpu_count=2)
+    monkeypatch.setattr(Hardware, "detect", classmethod(lambda cls: two))
+    pipe = transformers.pipeline("text-classification", model=str(path), fastpath={"defaults": {"placement": "replicate"}})
+    plan = fp.plan_of(pipe)
+    assert plan["placement"] == "replicate" and plan["length_bucketing"] is True
+    assert len(replicas_of(pipe)) == 2
+    assert _labels(pipe(TEXTS)) == reference
+
+
+# -- torchrun: two CPU processes over gloo -------------------------------------------------------------
+
+@pytest.mark.slow
+def test_torchrun_tensor_and_data_parallel(tiny_model_factory, tmp_path: Path) -> None:
+    """transformers' tensor parallel on CPU (gloo) through ``pipeline(..., fastpath=True)``: both ranks
+    produce the greedy tokens of a single-process run; the BERT classifier runs data parallel."""
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from tp_worker import PROMPTS, greedy_token_ids
+        from tp_worker import TEXTS as DP_TEXTS
+    finally:
+        sys.path.pop(0)
+    llama_path, bert_path = tiny_model_factory("llama", "causal"), tiny_model_factory("bert", "seq-cls")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRANSFORMERS_FASTPATH", "WORLD_SIZE", "RANK"))}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(REPO / "tests" / "tp_worker.py"), "--model", str(llama_path), "--classifier", str(bert_path),
+           "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:  # the single-process references while the ranks start up
+        single = transformers.pipeline("text-generation", model=str(llama_path), fastpath=False)
+        expected = greedy_token_ids(single)
+        classifier = transformers.pipeline("text-classification", model=str(bert_path), fastpath=False)
+        expected_dp = [[r["label"], round(float(r["score"]), 5)] for r in classifier(DP_TEXTS)]
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["world_size"] == 2 and rank["distributed"]
+        assert rank["placement"] == "tensor-parallel", rank["placement_reason"]
+        assert rank["weight_type"] == "DTensor" and rank["local_q_rows"] == 32  # 64 rows split in two
+        assert rank["tp_tokens"] == expected
+        assert len(rank["tp_tokens"]) == len(PROMPTS)
+        assert rank["dp_placement"] == "single" and rank["dp_shard_size"] == len(DP_TEXTS) // 2
+        assert rank["dp_results"] == expected_dp
