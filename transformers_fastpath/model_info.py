@@ -111,23 +111,24 @@ def _with_task(info: ModelInfo, task: str) -> ModelInfo:
     return ModelInfo(info.name, info.model_type, info.architectures, info.num_params, task, info.config)
 
 
+def meta_model(config: PretrainedConfig) -> Any:
+    """The architecture of ``config`` instantiated on the meta device: shapes only, no memory."""
+    import torch
+    import transformers
+
+    model_cls = None
+    for arch in getattr(config, "architectures", None) or ():
+        model_cls = getattr(transformers, arch, None)
+        if model_cls is not None:
+            break
+    with torch.device("meta"):
+        return model_cls(config) if model_cls is not None else transformers.AutoModel.from_config(config)
+
+
 def _count_params_from_config(config: PretrainedConfig) -> int | None:
     """Instantiate the architecture on the meta device (no memory, no weights) and count."""
     try:
-        import torch
-        import transformers
-
-        model_cls = None
-        for arch in getattr(config, "architectures", None) or ():
-            model_cls = getattr(transformers, arch, None)
-            if model_cls is not None:
-                break
-        with torch.device("meta"):
-            if model_cls is not None:
-                model = model_cls(config)
-            else:
-                model = transformers.AutoModel.from_config(config)
-        return sum(p.numel() for p in model.parameters())
+        return sum(p.numel() for p in meta_model(config).parameters())
     except Exception as exc:  # an exotic config must not break explain
         logger.debug("could not count parameters of %s: %s", config.model_type, exc)
         return None

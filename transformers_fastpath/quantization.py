@@ -329,18 +329,12 @@ _cache_lock = threading.Lock()
 
 
 def _build_inventory(config: PretrainedConfig) -> LayerInventory | None:
-    try:
-        import torch
-        import transformers
-        from torch import nn
+    from torch import nn
 
-        model_cls = None
-        for arch in getattr(config, "architectures", None) or ():
-            model_cls = getattr(transformers, arch, None)
-            if model_cls is not None:
-                break
-        with torch.device("meta"):
-            model = model_cls(config) if model_cls is not None else transformers.AutoModel.from_config(config)
+    from .model_info import meta_model
+
+    try:
+        model = meta_model(config)
     except Exception as exc:  # never break a plan over this
         logger.debug("fastpath: cannot build %s on the meta device: %s", getattr(config, "model_type", "?"), exc)
         return None
