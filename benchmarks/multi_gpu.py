@@ -189,7 +189,7 @@ def bench_sharded(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import transformers_fastpath as fp
     from transformers_fastpath.hardware import Hardware
     from transformers_fastpath.model_info import ModelInfo
-    from transformers_fastpath.resolve import resolve
+    from transformers_fastpath.resolution import resolve
 
     path = make_llama(args, tmp / "llama")
     gpus = torch.cuda.device_count()

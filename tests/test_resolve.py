@@ -136,3 +136,15 @@ def test_apply_and_revert_on_a_model_loaded_elsewhere(tiny_model_factory) -> Non
     assert plan is not None
     assert fp.revert(model) is model
     assert all(p.status in ("reverted", "off", "skipped") for p in fp.plan_of(model).passes)
+
+
+def test_public_names_are_functions_whatever_was_imported_first() -> None:
+    """A submodule named like a public function would shadow it once imported (it used to: resolve)."""
+    from conftest import run_python
+
+    code = ("import transformers_fastpath.interception.patches, transformers_fastpath.api, transformers_fastpath.cli\n"
+            "import transformers_fastpath as fp\n"
+            "print(all(callable(getattr(fp, n)) and not isinstance(getattr(fp, n), type(fp)) for n in fp.__all__[1:]))")
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .model_info import ModelInfo
     from .plan import Decision, PassStatus, Plan
     from .policy import Policy, load_policy
-    from .resolve import resolve
+    from .resolution import resolve
     from .trainer import FastpathCallback
 
 _LAZY: dict[str, str] = {
@@ -45,7 +45,7 @@ _LAZY: dict[str, str] = {
     "StrictModeError": "errors",
     "Hardware": "hardware",
     "ModelInfo": "model_info",
-    "resolve": "resolve",
+    "resolve": "resolution",
     "Plan": "plan",
     "Decision": "plan",
     "PassStatus": "plan",

@@ -8,7 +8,7 @@ from .hardware import Hardware
 from .passes.runner import apply_plan, plan_of, revert_model
 from .plan import Plan
 from .policy import PolicyLike
-from .resolve import resolve
+from .resolution import resolve
 
 __all__ = ["apply", "revert", "plan_of", "pipeline"]
 

@@ -14,7 +14,7 @@ __all__ = ["main"]
 def _cmd_explain(args: argparse.Namespace) -> int:
     from .errors import FastpathError, PolicyError
     from .hardware import Hardware
-    from .resolve import resolve
+    from .resolution import resolve
 
     try:
         hardware = Hardware.from_profile(args.hardware) if args.hardware else Hardware.detect()

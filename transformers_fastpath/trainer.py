@@ -131,7 +131,7 @@ class FastpathCallback(TrainerCallback):
         return targets
 
     def _convert(self, model: PreTrainedModel, args: TrainingArguments | None) -> Plan:
-        from .resolve import resolve
+        from .resolution import resolve
 
         # The model's real dtype is passed like a caller's argument so that the attention choice
         # (flash attention wants half precision) follows the weights the Trainer will train.

@@ -82,7 +82,7 @@ def _make_from_pretrained(orig: Any) -> Any:
 def _fastpath_load(orig: Any, cls: type, path: Any, args: tuple, kwargs: dict[str, Any], policy: Any) -> Any:
     from ..errors import FastpathError
     from ..passes.runner import apply_plan
-    from ..resolve import resolve
+    from ..resolution import resolve
 
     ctx = state.load_context()
     task = ctx.task if ctx else None
@@ -187,7 +187,7 @@ def _make_pipeline(orig: Any) -> Any:
 def _fastpath_pipeline(orig: Any, call: dict[str, Any], policy: Any) -> Any:
     from ..passes.runner import apply_plan, plan_of
     from ..plugins import get_plugin_manager
-    from ..resolve import resolve
+    from ..resolution import resolve
 
     task, model = call.get("task"), call.get("model")
     model_kwargs = dict(call.get("model_kwargs") or {})
