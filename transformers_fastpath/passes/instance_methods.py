@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import inspect
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,3 +127,31 @@ def _dispatcher_for(cls: type, method: str) -> Callable[..., Any]:
     original = getattr(cls, method)
     functools.update_wrapper(dispatcher, original)  # __wrapped__: inspect.signature sees the real parameters
     return dispatcher
+
+
+@functools.lru_cache(maxsize=256)
+def _method_signature(cls: type, method: str) -> inspect.Signature | None:
+    try:
+        return inspect.signature(getattr(cls, method))
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def bind_call(cls: type, method: str, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A call of ``cls.method`` by argument name, its ``**kwargs`` flattened in, ``self`` left out.
+
+    Falls back to the keyword arguments alone when the signature is unknown or does not bind.
+    """
+    signature = _method_signature(cls, method)
+    if signature is None or not args:
+        return dict(kwargs)
+    try:
+        bound = signature.bind_partial(None, *args, **kwargs)  # None stands for self
+    except TypeError:
+        return dict(kwargs)
+    named = dict(bound.arguments)
+    named.pop(next(iter(signature.parameters)), None)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and name in named:
+            named.update(named.pop(name))
+    return named

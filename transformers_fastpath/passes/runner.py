@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ..plan import Plan
     from .base import Pass
 
-__all__ = ["apply_plan", "revert_model", "plan_of", "canonical_for_save", "PLAN_ATTR"]
+__all__ = ["PLAN_ATTR", "apply_plan", "canonical_for_save", "plan_of", "revert_model"]
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
-import inspect
 import logging
 import re
 import warnings
@@ -33,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import PassSkipped, StrictModeError
-from .instance_methods import add_layer, remove_layer
+from .instance_methods import add_layer, bind_call, remove_layer
 
 if TYPE_CHECKING:
     import torch
@@ -246,7 +244,7 @@ class BackendChain:
 
         if torch.compiler.is_compiling() or _ACTIVE.get():
             return inner(*args, **kwargs)
-        call = _bind(type(model), "forward", args, kwargs)
+        call = bind_call(type(model), "forward", args, kwargs)
         kinds = _forward_kinds(call)
         retry_safe = call.get("past_key_values") is None and call.get("cache") is None
         return self._run(model, inner, args, kwargs, kinds, retry_safe)
@@ -255,7 +253,7 @@ class BackendChain:
         """Layer around ``model.generate``: one chain for the whole call, inner forwards pass through."""
         if _ACTIVE.get():
             return inner(*args, **kwargs)
-        call = _bind(type(model), "generate", args, kwargs)
+        call = bind_call(type(model), "generate", args, kwargs)
         kinds = _generate_kinds(model, call)
         retry_safe = call.get("streamer") is None and call.get("past_key_values") is None and call.get("cache") is None
         return self._run(model, inner, args, kwargs, kinds, retry_safe)
@@ -384,30 +382,6 @@ def _device_and_dtype(model: Any) -> tuple[Any, Any]:
         if param.is_floating_point():
             return param.device, param.dtype
     return torch.device("cpu"), torch.get_default_dtype()
-
-
-@functools.lru_cache(maxsize=256)
-def _signature(cls: type, method: str) -> inspect.Signature | None:
-    try:
-        return inspect.signature(getattr(cls, method))
-    except (TypeError, ValueError):
-        return None
-
-
-def _bind(cls: type, method: str, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The call's arguments by name (``**kwargs`` flattened); the keyword arguments alone if binding fails."""
-    signature = _signature(cls, method)
-    if signature is None or not args:
-        return dict(kwargs)
-    try:
-        bound = signature.bind_partial(None, *args, **kwargs)  # None stands for self
-    except TypeError:
-        return dict(kwargs)
-    named = dict(bound.arguments)
-    for name, param in signature.parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD and name in named:
-            named.update(named.pop(name))
-    return named
 
 
 def _has_padding(mask: Any) -> bool:

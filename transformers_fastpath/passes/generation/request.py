@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..instance_methods import bind_call
 from .cache_length import bucket_cache_len
 
 __all__ = ["STATIC_CACHE_IMPLEMENTATIONS", "GenerateRequest", "apply_updates", "bind_generate_call", "plan_request"]
@@ -45,29 +44,9 @@ class GenerateRequest:
     updates: dict[str, Any] = field(default_factory=dict)
 
 
-@functools.lru_cache(maxsize=64)
-def _generate_signature(cls: Any) -> inspect.Signature | None:
-    try:
-        return inspect.signature(cls.generate)
-    except (TypeError, ValueError, AttributeError):
-        return None
-
-
 def bind_generate_call(model: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The call's arguments by name, the ``**kwargs`` of ``generate`` flattened in."""
-    signature = _generate_signature(type(model))
-    if signature is None or not args:
-        return dict(kwargs)
-    try:
-        bound = signature.bind_partial(None, *args, **kwargs)  # None stands for self
-    except TypeError:
-        return dict(kwargs)
-    named = dict(bound.arguments)
-    named.pop(next(iter(signature.parameters)), None)
-    for name, param in signature.parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD and name in named:
-            named.update(named.pop(name))
-    return named
+    return bind_call(type(model), "generate", args, kwargs)
 
 
 def plan_request(model: Any, call: dict[str, Any], *, compile: bool) -> GenerateRequest:
