@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["enable_length_sorting", "disable_length_sorting", "input_length", "sorted_order"]
@@ -50,14 +50,22 @@ def _sorted_call(self: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 @functools.cache
-def _sorting_subclass(cls: type) -> type:
-    # A subclass keeps isinstance() true for the pipeline's own class, and only __call__ changes.
+def call_override_subclass(cls: type, call: Callable[..., Any], marker: str) -> type:
+    """A subclass of pipeline class ``cls`` that differs only in ``__call__``.
+
+    ``isinstance`` keeps holding for the pipeline's own class; ``marker`` names the class
+    attribute that keeps ``cls``, so the swap can be detected and undone.
+    """
     return type(cls.__name__, (cls,), {
-        "__call__": _sorted_call,
+        "__call__": call,
         "__module__": cls.__module__,
         "__qualname__": cls.__qualname__,
-        "_fastpath_base_class": cls,
+        marker: cls,
     })
+
+
+def _sorting_subclass(cls: type) -> type:
+    return call_override_subclass(cls, _sorted_call, "_fastpath_base_class")
 
 
 def enable_length_sorting(pipeline: Any) -> None:

@@ -15,12 +15,12 @@ tokenizer copy (fast tokenizers are not safe to share between threads).
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .batching import call_override_subclass
 from .plan import Plan
 
 __all__ = ["disable_replicas", "enable_replicas", "replicas_of", "split_contiguous"]
@@ -63,14 +63,8 @@ def _replicated_call(self: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
     return merged
 
 
-@functools.cache
 def _replicated_subclass(cls: type) -> type:
-    return type(cls.__name__, (cls,), {
-        "__call__": _replicated_call,
-        "__module__": cls.__module__,
-        "__qualname__": cls.__qualname__,
-        "_fastpath_replicas_base": cls,
-    })
+    return call_override_subclass(cls, _replicated_call, "_fastpath_replicas_base")
 
 
 def _copy_model(model: Any, device: str) -> Any:
