@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "warmup": args.warmup, "greedy": True},
         "policy": fastpath_policy(args),
         "plan": {"settings": {k: plan.to_dict()["settings"][k]
-                              for k in ("attn_implementation", "sdpa_backends", "static_cache", "compile")},
+                              for k in ("attn_implementation", "sdpa_backends", "static_cache", "compile", "decode_loop")},
                  "passes": [p.to_dict() for p in plan.passes], "notes": list(plan.notes)},
         "weight_streaming": streaming,
         "rows": rows,

@@ -159,6 +159,9 @@ def bench_replicas(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         if args.tiny and variant == "replicate":
             enable_replicas(pipe, ["cpu", "cpu"])  # two CPU copies stand in for two GPUs
         plan = fp.plan_of(pipe)
+        if plan is None:
+            sys.exit("multi_gpu: pipeline(..., fastpath=...) was not intercepted: the .pth bootstrap is not "
+                     "installed in this interpreter's site-packages (see benchmarks/gpu_env.sh)")
         pipe(inputs)  # warm-up: a full pass (allocator, kernels, tokenizer caches on every replica)
         times = []
         for _ in range(args.repeats):

@@ -20,6 +20,7 @@ import transformers_fastpath as fp
 from transformers_fastpath import Hardware, StrictModeError
 from transformers_fastpath.passes.generation import (
     COMPILE_PASS,
+    DECODE_LOOP_PASS,
     STATIC_PASS,
     FastGenerate,
     bucket_cache_len,
@@ -362,7 +363,7 @@ def test_compile_failure_falls_back_once_and_is_recorded(fresh_llama, monkeypatc
         return run
 
     monkeypatch.setattr(model, "get_compiled_call", broken_compiled_call)
-    fp.apply(model, {"defaults": {"compile": True}}, hardware=CPU)
+    fp.apply(model, {"defaults": {"compile": True, "decode_loop": False}}, hardware=CPU)
     assert fp.plan_of(model).pass_status(COMPILE_PASS).status == "applied"
     with caplog.at_level(logging.WARNING, logger="transformers_fastpath"):
         assert torch.equal(greedy(model, ids, mask), ref)
@@ -385,7 +386,7 @@ def test_compile_failure_raises_in_strict_mode(fresh_llama, monkeypatch) -> None
 
     model = fresh_llama
     monkeypatch.setattr(model, "get_compiled_call", broken_compiled_call)
-    fp.apply(model, {"defaults": {"compile": True, "strict": True}}, hardware=CPU)
+    fp.apply(model, {"defaults": {"compile": True, "decode_loop": False, "strict": True}}, hardware=CPU)
     ids, mask = prompts()
     with pytest.raises(StrictModeError, match="simulated compiler crash"):
         greedy(model, ids, mask)
@@ -397,7 +398,7 @@ def test_compile_on_cpu_when_forced_matches_default(fresh_llama) -> None:
     model = fresh_llama
     ids, mask = prompts()
     ref = greedy(model, ids, mask)
-    fp.apply(model, {"defaults": {"compile": True}}, hardware=CPU)
+    fp.apply(model, {"defaults": {"compile": True, "decode_loop": False}}, hardware=CPU)
     assert fp.plan_of(model).pass_status(COMPILE_PASS).status == "applied"
     assert torch.equal(greedy(model, ids, mask), ref)
     assert hasattr(model, "_compiled_call")  # transformers' get_compiled_call ran
@@ -411,3 +412,98 @@ def _runtime(model: torch.nn.Module) -> FastGenerate | None:
 
     layer = get_layer(model, "generate", STATIC_PASS)
     return getattr(layer, "__self__", None)
+
+
+# -- the lean greedy decode loop ---------------------------------------------------------------
+
+LOOP = {"defaults": {"static_cache": True, "decode_loop": True}}
+
+
+def _loop_ran(model: torch.nn.Module) -> bool:
+    runtime = _runtime(model)
+    return runtime is not None and runtime.decode_loop and runtime.last_loop_reason is None
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_decode_loop_gives_default_greedy_tokens(family: str) -> None:
+    """Left padding, EOS in the middle of one row, EOS ending every row early: the same tokens as
+    transformers' greedy search, and the lean loop (not transformers') produced them."""
+    model = build(family)
+    ids, mask = prompts()
+    ref = greedy(model, ids, mask)
+    ref_single = greedy(model, ids[1:])
+    new = greedy(model, ids, mask, eos_token_id=VOCAB + 1)[:, ids.shape[1]:]  # an EOS no row ever emits
+    one_row_eos = int(new[0, 3])
+    every_row_eos = [int(new[0, 2]), int(new[1, 4])]  # both rows stop early: the output is shorter
+    ref_one = greedy(model, ids, mask, eos_token_id=one_row_eos)
+    ref_every = greedy(model, ids, mask, eos_token_id=every_row_eos)
+    assert ref_every.shape[1] < ref.shape[1]
+
+    fp.apply(model, LOOP, hardware=CPU)
+    assert fp.plan_of(model).pass_status(DECODE_LOOP_PASS).status == "applied"
+    assert torch.equal(greedy(model, ids, mask), ref) and _loop_ran(model)
+    assert torch.equal(greedy(model, ids[1:]), ref_single) and _loop_ran(model)
+    assert torch.equal(greedy(model, ids, mask, eos_token_id=one_row_eos), ref_one) and _loop_ran(model)
+    assert torch.equal(greedy(model, ids, mask, eos_token_id=every_row_eos), ref_every) and _loop_ran(model)
+
+
+def test_decode_loop_leaves_other_calls_to_transformers(fresh_llama) -> None:
+    model = fresh_llama
+    ids, mask = prompts()
+    ref_penalty = greedy(model, ids, mask, repetition_penalty=1.3)
+    fp.apply(model, LOOP, hardware=CPU)
+    runtime = _runtime(model)
+    assert torch.equal(greedy(model, ids, mask, repetition_penalty=1.3), ref_penalty)
+    assert runtime.last_loop_reason == "generation setting repetition_penalty = 1.3"
+    torch.manual_seed(0)
+    model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, pad_token_id=PAD)
+    assert runtime.last_loop_reason == "generation setting do_sample = True"
+    model.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD, return_dict_in_generate=True)
+    assert runtime.last_loop_reason == "generation setting return_dict_in_generate = True"
+
+
+def test_decode_loop_failure_falls_back_once_and_strict_raises(fresh_llama, monkeypatch, caplog) -> None:
+    from transformers_fastpath.passes.generation.decode_loop import DecodeLoop
+
+    model = fresh_llama
+    ids, mask = prompts()
+    ref = greedy(model, ids, mask)
+    fp.apply(model, LOOP, hardware=CPU)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(DecodeLoop, "_run", broken)
+    with caplog.at_level(logging.WARNING, logger="transformers_fastpath"):
+        assert torch.equal(greedy(model, ids, mask), ref)
+        assert torch.equal(greedy(model, ids, mask), ref)
+    warnings_ = [r for r in caplog.records if "lean decode loop failed" in r.getMessage()]
+    assert len(warnings_) == 1
+    assert fp.plan_of(model).pass_status(DECODE_LOOP_PASS).status == "failed"
+
+    strict = build("llama")
+    fp.apply(strict, {"defaults": {**LOOP["defaults"], "strict": True}}, hardware=CPU)
+    with pytest.raises(StrictModeError, match="simulated kernel failure"):
+        greedy(strict, ids, mask)
+
+
+def test_decode_loop_auto_follows_compile() -> None:
+    config = build("llama").config
+    on_gpu = fp.resolve(config, task="text-generation", hardware=H100)
+    on_cpu = fp.resolve(config, task="text-generation", hardware=CPU)
+    assert on_gpu["decode_loop"] is True and on_gpu.pass_status(DECODE_LOOP_PASS).will_run
+    assert on_cpu["decode_loop"] is False and "only where compile is on" in on_cpu.settings["decode_loop"].reason
+
+
+def test_compiled_decode_loop_on_cpu_matches_default(fresh_llama) -> None:
+    """The lean loop's step through a real torch.compile (fullgraph, inductor on CPU; tens of
+    seconds): the tokens are transformers' greedy ones, and a second call reuses the compiled step."""
+    model = fresh_llama
+    ids, mask = prompts()
+    ref = greedy(model, ids, mask)
+    fp.apply(model, {"defaults": {"compile": True}}, hardware=CPU)  # decode_loop auto: on with compile
+    assert fp.plan_of(model)["decode_loop"] is True
+    assert torch.equal(greedy(model, ids, mask), ref) and _loop_ran(model)
+    compiled = _runtime(model).loop._compiled
+    assert compiled is not None
+    assert torch.equal(greedy(model, ids, mask), ref) and _runtime(model).loop._compiled is compiled

@@ -1,7 +1,7 @@
 """Built-in plugin: fast ``generate`` -- a static, bucketed KV cache and transformers' compile of it.
 
-Resolves ``static_cache`` and ``compile`` (and registers their passes, in this order:
-``generate_static_cache``, ``generate_compile``). Listed after ``builtin.attention`` in
+Resolves ``static_cache``, ``compile`` and ``decode_loop`` (and registers their passes, in this
+order: ``generate_static_cache``, ``generate_compile``, ``generate_decode_loop``). Listed after ``builtin.attention`` in
 ``BUILTIN_PLUGINS`` so that it runs first (pluggy calls later-registered ``tryfirst``
 implementations first): the attention choice reads ``compile``.
 
@@ -20,6 +20,7 @@ from ..passes.base import Pass
 from ..passes.generation import (
     COMPILE_PASS,
     CompilePass,
+    DecodeLoopPass,
     StaticCachePass,
     describe_buckets,
     is_generative,
@@ -38,7 +39,7 @@ def fastpath_resolve_plan(plan: PlanBuilder) -> None:
 
 @hookimpl
 def fastpath_register_passes() -> list[Pass]:
-    return [StaticCachePass(), CompilePass()]
+    return [StaticCachePass(), CompilePass(), DecodeLoopPass()]
 
 
 def resolve_generation(plan: PlanBuilder) -> None:
@@ -72,6 +73,12 @@ def resolve_generation(plan: PlanBuilder) -> None:
         else:
             plan.set("static_cache", False, reason="auto: a static cache pays off only with compile, "
                                                    "and compile = false")
+    if plan.is_auto("decode_loop"):
+        if plan.get("compile") is True and not plan.model.is_encoder_decoder:
+            plan.set("decode_loop", True, reason="auto: plain greedy calls run a compiled step per token with no "
+                                                 "per-token host sync (other calls use transformers' loop)")
+        else:
+            plan.set("decode_loop", False, reason="auto: on only where compile is on, for decoder-only models")
     if plan.get("static_cache") is True and generative:
         plan.note(f"generate: static KV cache sized per call: {describe_buckets()}; "
                   "the caller's generation arguments (cache_implementation, max_cache_len, compile_config...) win")

@@ -119,7 +119,9 @@ def _dispatcher_for(cls: type, method: str) -> Callable[..., Any]:
 
     def dispatcher(self: Any, *args: Any, **kwargs: Any) -> Any:
         stack: _Stack = self.__dict__[LAYERS_ATTR][method]
-        call = getattr(cls, method).__get__(self, cls) if stack.previous is _MISSING else stack.previous
+        # functools.partial, not function.__get__: dynamo traces partials, and a graph break here
+        # split transformers' compiled decode step in two (0.4 ms/token on an H100).
+        call = functools.partial(getattr(cls, method), self) if stack.previous is _MISSING else stack.previous
         for _, around in stack.layers:
             call = functools.partial(around, self, call)
         return call(*args, **kwargs)

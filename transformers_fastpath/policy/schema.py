@@ -128,6 +128,9 @@ _SETTINGS_LIST = [
             "torch.compile the forward used by generate. auto: on for generation on a GPU."),
     Setting("static_cache", _auto_or_bool, "auto",
             "Static KV cache for generate. auto: on for generation on a GPU."),
+    Setting("decode_loop", _auto_or_bool, "auto",
+            "Plain greedy static-cache generate calls run fastpath's lean decode loop (same tokens, no "
+            "per-token host sync). auto: on where compile is on."),
     Setting("batch_size", _auto_or_positive_int, "auto",
             "Pipeline batch size when the caller sets none. auto: chosen per device."),
     Setting("length_bucketing", _auto_or_bool, "auto",
@@ -135,6 +138,14 @@ _SETTINGS_LIST = [
             "the caller's order. auto: on for text pipelines with batch size > 1."),
     Setting("strict", _bool, False,
             "Turn every skipped or failed optimization into an error instead of a logged skip."),
+    Setting("verify", _bool, False,
+            "After applying the passes, run a small probe batch through the converted model and the "
+            "original one, and roll back every pass whose output differs beyond a dtype-aware tolerance."),
+    Setting("input_errors", _choice("raise", "return"), "raise",
+            "A pipeline input that fails on its own (malformed, or out of memory even alone) when a list "
+            "is passed: the other inputs complete either way. raise: then its original exception is "
+            "raised, naming the failed indices, with every result attached (exc.fastpath_results). "
+            "return: the exception object takes that input's place in the result list."),
 ]
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in _SETTINGS_LIST}

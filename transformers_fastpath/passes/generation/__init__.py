@@ -1,11 +1,14 @@
-"""Fast ``generate``: a static, bucketed KV cache and transformers' own compile of the decode step."""
+"""Fast ``generate``: a static, bucketed KV cache, transformers' own compile of the decode step, and a
+lean greedy decode loop."""
 
 from .cache_length import bucket_cache_len, describe_buckets
 from .passes import (
     COMPILE_PASS,
+    DECODE_LOOP_PASS,
     GENERATION_TASKS,
     STATIC_PASS,
     CompilePass,
+    DecodeLoopPass,
     FastGenerate,
     StaticCachePass,
     is_generative,
@@ -15,9 +18,11 @@ from .request import GenerateRequest, plan_request
 
 __all__ = [
     "COMPILE_PASS",
+    "DECODE_LOOP_PASS",
     "GENERATION_TASKS",
     "STATIC_PASS",
     "CompilePass",
+    "DecodeLoopPass",
     "FastGenerate",
     "GenerateRequest",
     "StaticCachePass",

@@ -9,6 +9,8 @@ Both work through one layer around the model's ``generate`` (an instance-level o
   does by itself for a static cache (``GenerationMixin._valid_auto_compile_criteria`` ->
   ``get_compiled_call``, mode ``reduce-overhead`` on CUDA); without it, fastpath passes
   ``disable_compile=True`` so a static cache stays uncompiled.
+- ``generate_decode_loop`` (setting ``decode_loop``) runs plain greedy calls through fastpath's
+  lean loop (:mod:`.decode_loop`): the same tokens, without transformers' per-token host work.
 
 If compilation fails in a call, the call is re-run without compile (when no streamer of the
 caller's has seen tokens yet), compile stays off for the model, the plan records the failure,
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import PassSkipped, StrictModeError
 from ..instance_methods import add_layer, get_layer, remove_layer
+from .decode_loop import DecodeLoop, ineligible
 from .request import GenerateRequest, apply_updates, bind_generate_call, plan_request
 
 if TYPE_CHECKING:
@@ -31,13 +34,14 @@ if TYPE_CHECKING:
     from ...model_info import ModelInfo
     from ...plan import Plan, PlanBuilder
 
-__all__ = ["COMPILE_PASS", "GENERATION_TASKS", "STATIC_PASS", "CompilePass", "FastGenerate", "StaticCachePass",
-           "is_generative", "model_class"]
+__all__ = ["COMPILE_PASS", "DECODE_LOOP_PASS", "GENERATION_TASKS", "STATIC_PASS", "CompilePass", "DecodeLoopPass",
+           "FastGenerate", "StaticCachePass", "is_generative", "model_class"]
 
 logger = logging.getLogger(__name__)
 
 STATIC_PASS = "generate_static_cache"
 COMPILE_PASS = "generate_compile"
+DECODE_LOOP_PASS = "generate_decode_loop"
 
 GENERATION_TASKS = frozenset({
     "text-generation", "text2text-generation", "summarization", "translation", "image-text-to-text",
@@ -69,12 +73,16 @@ class FastGenerate:
 
     Attributes:
         compile: whether fastpath lets transformers compile the decode step (the compile pass sets it).
+        decode_loop: whether plain greedy calls run fastpath's lean loop (the decode-loop pass sets it).
         compile_error: why compilation failed on this model, once it has (compile then stays off).
         last_request: the decision for the latest call (what ``explain`` cannot know in advance).
     """
 
     def __init__(self, *, strict: bool, label: str) -> None:
         self.compile = False
+        self.decode_loop = False
+        self.loop = DecodeLoop()
+        self.last_loop_reason: str | None = None
         self.strict = strict
         self.label = label
         self.compile_error: str | None = None
@@ -92,6 +100,11 @@ class FastGenerate:
                 logger.debug("fastpath (%s): generate keeps the dynamic cache: %s", self.label, request.reason)
             return inner(*args, **kwargs)
         new_args, new_kwargs = apply_updates(model, args, kwargs, request.updates)
+        if self._loop_reason(model, call, request) is None:
+            try:
+                return self.loop.generate(model, call, cache_len=request.cache_len or 0, compile=request.compiles)
+            except Exception as exc:
+                self._loop_failed(model, exc)  # raises in strict mode; else transformers' loop runs the call
         if not request.compiles:
             return inner(*new_args, **new_kwargs)
         try:
@@ -104,7 +117,7 @@ class FastGenerate:
                 raise StrictModeError(f"{COMPILE_PASS} ({self.label}): {reason}; strict mode does not fall back. "
                                       "Set compile = false in the policy, or strict = false.") from exc
             self.compile_error = reason
-            _record_compile_failure(model, reason)
+            _record_failure(model, COMPILE_PASS, reason)
             if call.get("streamer") is not None:
                 raise RuntimeError(f"fastpath: {reason}. The streamer had already received tokens, so this call "
                                    "is not re-run; compile is now off for this model and later calls run "
@@ -115,6 +128,32 @@ class FastGenerate:
         self.last_request = retry
         retry_args, retry_kwargs = apply_updates(model, args, kwargs, retry.updates)
         return inner(*retry_args, **retry_kwargs)
+
+    def _loop_failed(self, model: Any, exc: Exception) -> None:
+        reason = f"the lean decode loop failed: {type(exc).__name__}: {_first_line(exc)}"
+        if self.strict:
+            raise StrictModeError(f"{DECODE_LOOP_PASS} ({self.label}): {reason}; strict mode does not fall back. "
+                                  "Set decode_loop = false in the policy, or strict = false.") from exc
+        self.decode_loop = False
+        _record_failure(model, DECODE_LOOP_PASS, reason)
+        logger.warning("fastpath (%s): %s; generate uses transformers' decode loop on this model from now on "
+                       "(set decode_loop = false in the policy to skip the attempt).", self.label, reason)
+
+    def _loop_reason(self, model: Any, call: dict[str, Any], request: GenerateRequest) -> str | None:
+        """Why this static call goes through transformers' loop rather than the lean one (None: lean)."""
+        if not self.decode_loop:
+            reason: str | None = "decode_loop is off"
+        elif request.caller_compiles:
+            reason = "the call sets compile_config or disable_compile"
+        elif self.compile_error is not None:
+            reason = "compilation failed on this model"
+        else:
+            reason = ineligible(model, call)
+        self.last_loop_reason = reason
+        if reason is not None and self.decode_loop and reason not in self._dynamic_reasons:
+            self._dynamic_reasons.add(reason)
+            logger.debug("fastpath (%s): generate uses transformers' decode loop: %s", self.label, reason)
+        return reason
 
 
 class StaticCachePass:
@@ -143,6 +182,32 @@ class StaticCachePass:
 
     def revert(self, model: nn.Module) -> None:
         remove_layer(model, "generate", self.name)
+
+
+class DecodeLoopPass:
+    """``decode_loop``: plain greedy static-cache calls run fastpath's lean decode loop."""
+
+    name = DECODE_LOOP_PASS
+    setting = "decode_loop"
+    changes_state_dict = False
+
+    def supports(self, info: ModelInfo, plan: PlanBuilder | Plan) -> str | None:
+        if plan.get("static_cache") is not True:
+            return f"the lean loop runs on a static cache, and static_cache is {plan.get('static_cache')}"
+        if info.is_encoder_decoder:
+            return "encoder-decoder models keep transformers' loop"
+        return None
+
+    def apply(self, model: nn.Module, plan: Plan) -> None:
+        runtime = _runtime_of(model)
+        if runtime is None:
+            raise PassSkipped("the static cache pass is not applied, and the lean loop runs on a static cache")
+        runtime.decode_loop = True
+
+    def revert(self, model: nn.Module) -> None:
+        runtime = _runtime_of(model)
+        if runtime is not None:
+            runtime.decode_loop = False
 
 
 class CompilePass:
@@ -222,12 +287,12 @@ def _is_compile_failure(exc: BaseException) -> bool:
     return False
 
 
-def _record_compile_failure(model: Any, reason: str) -> None:
+def _record_failure(model: Any, pass_name: str, reason: str) -> None:
     from ..runner import PLAN_ATTR
 
     plan = getattr(model, PLAN_ATTR, None)
-    if plan is not None and plan.pass_status(COMPILE_PASS) is not None:
-        object.__setattr__(model, PLAN_ATTR, plan.with_pass_status(COMPILE_PASS, "failed", reason))
+    if plan is not None and plan.pass_status(pass_name) is not None:
+        object.__setattr__(model, PLAN_ATTR, plan.with_pass_status(pass_name, "failed", reason))
 
 
 def _first_line(exc: BaseException) -> str:

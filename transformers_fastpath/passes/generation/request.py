@@ -34,6 +34,8 @@ class GenerateRequest:
         cache_len: the bucketed cache length (static calls only).
         compiles: True when fastpath lets transformers compile the decode step (False when the call's
             own compile settings decide).
+        caller_compiles: True when the call (or a generation config) sets compile_config or
+            disable_compile itself: compilation is then the caller's business, not fastpath's.
         updates: generation settings to set where the caller left them unset.
     """
 
@@ -41,6 +43,7 @@ class GenerateRequest:
     reason: str = ""
     cache_len: int | None = None
     compiles: bool = False
+    caller_compiles: bool = False
     updates: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,7 +84,8 @@ def plan_request(model: Any, call: dict[str, Any], *, compile: bool) -> Generate
     if setting("max_cache_len") is None:
         updates["max_cache_len"] = cache_len
     compiles = False
-    if setting("compile_config") is not None or setting("disable_compile") is not None:
+    caller_compiles = setting("compile_config") is not None or setting("disable_compile") is not None
+    if caller_compiles:
         pass  # the caller's compile settings stand; fastpath neither adds nor manages compilation
     elif compile:
         compiles = True
@@ -89,7 +93,8 @@ def plan_request(model: Any, call: dict[str, Any], *, compile: bool) -> Generate
             updates["compile_config"] = _all_devices_compile_config()
     else:
         updates["disable_compile"] = True
-    return GenerateRequest(True, cache_len=cache_len, compiles=compiles, updates=updates)
+    return GenerateRequest(True, cache_len=cache_len, compiles=compiles, caller_compiles=caller_compiles,
+                           updates=updates)
 
 
 def apply_updates(model: Any, args: tuple, kwargs: dict[str, Any], updates: dict[str, Any]) -> tuple[tuple, dict]:
