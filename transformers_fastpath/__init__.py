@@ -22,7 +22,7 @@ from ._version import __version__
 
 if TYPE_CHECKING:
     from .api import apply, pipeline, plan_of, revert
-    from .errors import FastpathError, PassSkipped, PolicyError, StrictModeError
+    from .errors import FastpathError, PassSkipped, PolicyError, RollbackError, StrictModeError
     from .hardware import Hardware
     from .hookspecs import hookimpl
     from .interception.install import enabled, install, is_installed, uninstall
@@ -43,6 +43,7 @@ _LAZY: dict[str, str] = {
     "FastpathError": "errors",
     "PassSkipped": "errors",
     "StrictModeError": "errors",
+    "RollbackError": "errors",
     "Hardware": "hardware",
     "ModelInfo": "model_info",
     "resolve": "resolution",

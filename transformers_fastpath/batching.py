@@ -1,12 +1,26 @@
-"""Length-sorted batching for pipelines fed lists: batches pad little, results keep the caller's order."""
+"""Length-sorted batching for pipelines fed lists: batches pad little, results keep the caller's order.
+
+The sorting ``__call__`` hands the sorted list to the class below it -- the one from
+:mod:`transformers_fastpath.pipeline_resilience` when that is on -- and tells it, through
+:data:`CALLER_INDICES`, which caller index each sorted position has, so errors name the
+caller's indices; results attached to such an error (``exc.fastpath_results``) are put back in
+the caller's order here, like the returned results.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["enable_length_sorting", "disable_length_sorting", "input_length", "sorted_order"]
+__all__ = ["CALLER_INDICES", "call_override_subclass", "disable_length_sorting", "enable_length_sorting",
+           "input_length", "restore_attached_order", "sorted_order"]
+
+CALLER_INDICES: contextvars.ContextVar[Sequence[int] | None] = contextvars.ContextVar(
+    "fastpath_caller_indices", default=None)
+"""Set by an outer ``__call__`` that reorders a list: ``value[i]`` is the caller's index of the
+i-th input the inner ``__call__`` receives. Read (and cleared) by the inner one."""
 
 
 def input_length(item: Any) -> int | None:
@@ -29,14 +43,33 @@ def sorted_order(inputs: Sequence[Any]) -> list[int] | None:
     return sorted(range(len(inputs)), key=lambda i: -lengths[i])  # type: ignore[operator]
 
 
-def _sorted_call(self: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-    base_call = super(type(self), self).__call__
+def restore_attached_order(exc: BaseException, order: Sequence[int]) -> None:
+    """Put ``exc.fastpath_results`` (attached by pipeline_resilience, in ``order``) back in the caller's order."""
+    results = getattr(exc, "fastpath_results", None)
+    if not isinstance(results, list) or len(results) != len(order):
+        return
+    restored: list[Any] = [None] * len(order)
+    for position, index in enumerate(order):
+        restored[index] = results[position]
+    exc.fastpath_results = restored  # type: ignore[attr-defined]
+
+
+def _sorted_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+    base = type(self)._fastpath_base_class
+    inputs = args[0] if len(args) == 1 else None  # keyword-only calls (question=..., table=...) pass through
     if not isinstance(inputs, list) or len(inputs) < 2:
-        return base_call(inputs, *args, **kwargs)
+        return base.__call__(self, *args, **kwargs)
     order = sorted_order(inputs)
     if order is None or order == list(range(len(inputs))):
-        return base_call(inputs, *args, **kwargs)
-    outputs = base_call([inputs[i] for i in order], *args, **kwargs)
+        return base.__call__(self, *args, **kwargs)
+    token = CALLER_INDICES.set(order)
+    try:
+        outputs = base.__call__(self, [inputs[i] for i in order], **kwargs)
+    except Exception as exc:
+        restore_attached_order(exc, order)
+        raise
+    finally:
+        CALLER_INDICES.reset(token)
     if not isinstance(outputs, list) or len(outputs) != len(inputs):
         raise RuntimeError(
             f"{type(self).__name__} returned {type(outputs).__name__} of length "

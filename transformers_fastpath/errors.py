@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["FastpathError", "PolicyError", "PassSkipped", "StrictModeError"]
+__all__ = ["FastpathError", "PassSkipped", "PolicyError", "RollbackError", "StrictModeError"]
 
 
 class FastpathError(Exception):
@@ -68,3 +68,21 @@ class PassSkipped(FastpathError):
 
 class StrictModeError(FastpathError, RuntimeError):
     """An optimization was skipped or failed while the policy asked for ``strict = true``."""
+
+
+class RollbackError(FastpathError, RuntimeError):
+    """A pass failed after writing into the model's weights in place, and those values could not be
+    restored (the pass did not declare ``mutates_weights = True``, so no copy was kept).
+
+    Raised whatever ``strict`` says: carrying on would use weights that are no longer the loaded
+    ones. Everything else (modules, parameters, hooks, attributes) has been restored.
+
+    Attributes:
+        pass_name: the pass that failed.
+        weights: names of the weights whose values changed.
+    """
+
+    def __init__(self, message: str, *, pass_name: str, weights: list[str]) -> None:
+        self.pass_name = pass_name
+        self.weights = list(weights)
+        super().__init__(message)

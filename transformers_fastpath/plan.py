@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .model_info import ModelInfo
     from .policy import Policy
 
-__all__ = ["Decision", "PassStatus", "Plan", "PlanBuilder", "SOURCE_DEFAULT", "SOURCE_ARGUMENT"]
+__all__ = ["SOURCE_ARGUMENT", "SOURCE_DEFAULT", "Decision", "PassStatus", "Plan", "PlanBuilder", "Verification"]
 
 SOURCE_DEFAULT = "built-in default"
 SOURCE_ARGUMENT = "call argument"
@@ -58,6 +58,23 @@ class PassStatus:
 
 
 @dataclass(frozen=True)
+class Verification:
+    """The outcome of the ``verify`` step (a probe batch through the converted and the original model).
+
+    Attributes:
+        status: ``"passed"`` (every applied pass matched), ``"rolled back"`` (at least one pass
+            did not match and was rolled back; the others matched) or ``"not run"``.
+        detail: what was compared and the largest difference, or why it did not run.
+    """
+
+    status: Literal["passed", "rolled back", "not run"]
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "detail": self.detail}
+
+
+@dataclass(frozen=True)
 class Plan:
     """What transformers-fastpath does to one model on one hardware, and why.
 
@@ -71,6 +88,7 @@ class Plan:
     passes: tuple[PassStatus, ...] = ()
     load_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     notes: tuple[str, ...] = ()
+    verification: Verification | None = None
 
     # -- reading ----------------------------------------------------------------
     def __getitem__(self, key: str) -> Any:
@@ -95,6 +113,10 @@ class Plan:
         )
         return dataclasses.replace(self, passes=updated)
 
+    def with_verification(self, status: Literal["passed", "rolled back", "not run"], detail: str = "") -> Plan:
+        """A copy that records the outcome of the ``verify`` step."""
+        return dataclasses.replace(self, verification=Verification(status, detail))
+
     def with_task(self, task: str | None) -> Plan:
         from .model_info import _with_task
 
@@ -111,6 +133,7 @@ class Plan:
             "passes": [p.to_dict() for p in self.passes],
             "load_kwargs": {k: _json_safe(v) for k, v in self.load_kwargs.items()},
             "notes": list(self.notes),
+            "verification": self.verification.to_dict() if self.verification is not None else None,
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -137,6 +160,9 @@ class Plan:
             lines.append("")
             lines.append("from_pretrained kwargs: " + ", ".join(
                 f"{k}={_show(v)}" for k, v in self.load_kwargs.items()))
+        if self.verification is not None:
+            v = self.verification
+            lines.append(f"verify: {v.status}" + (f" ({v.detail})" if v.detail else ""))
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Built-in plugin: pipeline-level steps (device, dtype, batch size, length-sorted batching)."""
+"""Built-in plugin: pipeline-level steps (device, dtype, batch size, resilience, length-sorted batching)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,12 @@ def fastpath_pipeline_kwargs(plan: Plan, kwargs: dict[str, Any]) -> None:
 
 @hookimpl(tryfirst=True)
 def fastpath_pipeline_created(plan: Plan, pipeline: Any) -> None:
+    # Order matters: resilience sits below length sorting, and both below replicas (placement
+    # plugin, called after this tryfirst one), so each replica splits and isolates on its own.
+    from ..pipeline_resilience import enable_resilience
+
+    input_errors = plan.get("input_errors")
+    enable_resilience(pipeline, input_errors if input_errors in ("raise", "return") else "raise")
     if plan.get("length_bucketing") is True:
         from ..batching import enable_length_sorting
 

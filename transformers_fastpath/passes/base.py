@@ -23,6 +23,15 @@ class Pass(Protocol):
         changes_state_dict: True when, while applied, ``model.state_dict()`` differs from the
             canonical one (keys or tensors). Such passes are reverted around every save and
             re-applied after; passes that keep the state_dict canonical are left in place.
+        mutates_weights: optional, False when absent. True when ``apply`` writes into existing
+            weight tensors in place (folding a norm into a linear...): the runner then keeps a
+            host-memory copy of the weights while the pass applies, so a failure can restore
+            them bit for bit. Without it, a failed apply that wrote in place raises
+            :class:`~transformers_fastpath.errors.RollbackError`.
+
+    Applying is transactional (see :func:`~transformers_fastpath.passes.runner.apply_plan`):
+    whatever ``apply`` changed before raising is undone by the runner even when ``revert`` misses
+    it -- modules, parameters, buffers, hooks, instance attributes and method overrides.
     """
 
     name: str

@@ -29,7 +29,10 @@ class FusedEncoderPass:
 
     Converted layers run ``torch._transformer_encoder_layer_fwd`` (or, for padded batches on
     CPU, a packed-token route) in eval mode without autograd, and the original forward in every
-    other case. Nothing in the module tree or state_dict changes (see ``runtime``).
+    other case. Nothing in the module tree or state_dict changes (see ``runtime``). Should the
+    fused route raise at run time where the original forward does not (a native-op error, out of
+    memory), the conversion undoes itself on the model and the plan shows the pass as failed
+    (strict mode: :class:`~transformers_fastpath.errors.StrictModeError`).
 
     Args:
         route: ``"auto"`` (choose per call, see ``heuristic``) or force ``"dense"``,
@@ -134,7 +137,10 @@ class FusedEncoderPass:
         except LayerRejected as exc:
             raise PassSkipped(str(exc)) from None
 
-        runtime = FusedRuntime(family, config, base, layer_list, parts, route=self.route)
+        get = getattr(plan, "get", None)
+        strict = bool(get("strict", False)) if callable(get) else False
+        runtime = FusedRuntime(family, config, base, layer_list, parts, route=self.route, root=model,
+                               strict=strict, pass_name=self.name)
         try:
             runtime.install(encoder)
         except Exception:

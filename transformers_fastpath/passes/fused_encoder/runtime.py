@@ -8,6 +8,16 @@ state_dict keys never change, and ``save_pretrained`` writes canonical weights b
 
 Where there is an encoder module (BERT family, DistilBERT) its forward is replaced, so a
 padded batch can be packed once for all layers. Otherwise (ViT, DeiT) each layer's forward is.
+
+Run-time failures: when the fused computation raises (a native-op error, NotImplementedError,
+out of memory, a bug of ours), the original forward runs on the same input. If it raises too,
+its exception propagates unchanged (a bad input, or memory that is short for both) and the
+conversion stays. If it succeeds, the call returns its result and the conversion undoes itself
+on the whole model (:meth:`FusedRuntime.fail`): logged once, the plan shows the pass as failed,
+and every later call runs the original forward; strict mode raises instead. The call's result
+is then the unconverted model's, bit for bit, for encoder-level conversions (all layers are one
+call); for layer-level ones (ViT) the layers before the failing one already ran fused in that
+call (within the fused tolerance).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ...errors import StrictModeError
 from .families import Family
 from .guards import hooks_reason, kwargs_reason, state_reason
 from .heuristic import choose_route
@@ -43,10 +54,15 @@ class FusedRuntime:
     Attributes:
         stats: how many calls took each route (``"dense"``, ``"nested"``, ``"packed"``) and
             how many ran the original forward, keyed ``"original: <reason>"``.
+        root: the model the pass was applied to (it carries the plan); ``owner`` when None.
+        strict: raise :class:`~transformers_fastpath.errors.StrictModeError` when the fused
+            route fails at run time, instead of reverting to the original forward.
+        failed: why the conversion was undone at run time, or None.
     """
 
     def __init__(self, family: Family, config: Any, owner: nn.Module, layer_list: nn.ModuleList,
-                 parts: Sequence[LayerParts], route: RouteChoice = "auto") -> None:
+                 parts: Sequence[LayerParts], route: RouteChoice = "auto", *, root: nn.Module | None = None,
+                 strict: bool = False, pass_name: str = "fused_encoder") -> None:
         self.family = family
         self.config = config
         self.owner = owner
@@ -54,7 +70,11 @@ class FusedRuntime:
         self.parts = tuple(parts)
         self.route = route
         self.stats: Counter[str] = Counter()
-        self._warned_errors: set[str] = set()
+        # A plain reference (no weakref): copy.deepcopy and pickle of the model map it to the copy.
+        self.root = root
+        self.strict = strict
+        self.pass_name = pass_name
+        self.failed: str | None = None
 
     @property
     def route(self) -> RouteChoice:
@@ -92,11 +112,36 @@ class FusedRuntime:
             return False
         return all(layers[i] is p.layer and p.intact() for i, p in enumerate(self.parts))
 
-    def note_error(self, exc: Exception) -> None:
-        key = f"{type(exc).__name__}: {exc}"[:200]
-        level = logging.DEBUG if key in self._warned_errors else logging.WARNING
-        self._warned_errors.add(key)
-        logger.log(level, "fused encoder: the fused route failed (%s); ran the original forward", key)
+    def fail(self, exc: BaseException) -> None:
+        """The fused route raised where the original forward did not: undo the conversion on the
+        model, record it in the plan, log once (strict mode: raise instead)."""
+        if self.failed is not None:  # another thread got here first
+            return
+        lines = str(exc).strip().splitlines()
+        self.failed = f"failed at run time: {type(exc).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+        model = self.root if self.root is not None else self.owner
+        remove_all(model)
+        from ..runner import PLAN_ATTR, _label, record_run_time_failure
+
+        record_run_time_failure(model, self.pass_name, f"{self.failed}; reverted, the original forward runs")
+        name = _label(model, getattr(model, PLAN_ATTR, None))
+        if self.strict:
+            raise StrictModeError(
+                f"{self.pass_name} {self.failed} on {name} in strict mode (the original forward ran fine on the same "
+                "input). The conversion was reverted on the model. Fix: set encoder_fastpath = false in the policy "
+                "for this model, or strict = false to fall back to the original forward.") from exc
+        logger.warning("fastpath: %s %s on %s, where the original forward runs; reverted it on this model, so this "
+                       "call and later ones run the original forward. Set encoder_fastpath = false in the policy to "
+                       "skip it.", self.pass_name, self.failed, name)
+
+
+class _Fallback:
+    """Returned by :meth:`FusedForward._fused` when the original forward must run, and why."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 def _set_forward(module: nn.Module, forward: FusedForward) -> None:
@@ -149,10 +194,39 @@ class FusedForward:
         return self.original(*args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            outcome = self._fused(args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - a failure of the fused path itself: decided below, outside this handler
+            # Its traceback's frames hold the fused route's tensors: free them before the original runs.
+            failure: Exception | None = exc.with_traceback(None)
+        else:
+            failure = None
+        if failure is None:
+            if isinstance(outcome, _Fallback):
+                return self._fallback(outcome.reason, args, kwargs)
+            return outcome
+        return self._after_failure(failure, args, kwargs)
+
+    def _after_failure(self, failure: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The fused path raised (a native-op error, NotImplementedError, out of memory, a bug).
+
+        The original forward runs on the same input. If it raises too, the input (or the memory
+        left) is the problem, not the conversion: its exception propagates unchanged and the
+        conversion stays. If it succeeds, the conversion is at fault: it is undone on the model
+        (:meth:`FusedRuntime.fail`), and this call returns the original forward's result.
+        """
+        runtime = self.runtime
+        runtime.stats[f"original: fused route failed: {type(failure).__name__}"] += 1
+        result = self.original(*args, **kwargs)
+        runtime.fail(failure)
+        return result
+
+    def _fused(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The fused computation, or a :class:`_Fallback` saying why the original forward runs."""
         runtime = self.runtime
         names = runtime.family.encoder_args
         if len(args) > len(names) or any(n in kwargs for n in names[: len(args)]):
-            return self._fallback("unexpected positional arguments", args, kwargs)
+            return _Fallback("unexpected positional arguments")
         bound = dict(zip(names, args))
         bound.update(kwargs)
         hidden = bound.pop("hidden_states", None)
@@ -177,22 +251,18 @@ class FusedForward:
                         break
                     bound_layers.append(bound_layer)
         if reason is not None:
-            return self._fallback(reason, args, kwargs)
+            return _Fallback(reason)
 
         batch, length, _ = hidden.shape
         try:
             keep = keep_mask(mask, batch, length)
         except MaskRejected as exc:
-            return self._fallback(str(exc), args, kwargs)
+            return _Fallback(str(exc))
 
         route = self._route(hidden, keep)
         if route is None:
-            return self._fallback("the original forward is faster for this shape", args, kwargs)
-        try:
-            out = run_route(route, hidden, keep, bound_layers)
-        except RuntimeError as exc:  # an op limit we did not foresee: never fail the call for it
-            runtime.note_error(exc)
-            return self._fallback(f"fused route failed: {type(exc).__name__}", args, kwargs)
+            return _Fallback("the original forward is faster for this shape")
+        out = run_route(route, hidden, keep, bound_layers)
         runtime.stats[route] += 1
         return self._output(out)
 
@@ -244,11 +314,9 @@ def remove_all(model: nn.Module) -> int:
     for module in model.modules():
         own = vars(module)
         if getattr(own.get("forward"), "__fastpath_fused_encoder__", False):
-            del module.forward
+            own.pop("forward", None)  # pop, not del: two threads may undo a failed conversion at once
             removed += 1
-        runtime = own.get(RUNTIME_ATTR)
-        if runtime is not None:
-            if isinstance(runtime, FusedRuntime):
-                runtime.drop_caches()
-            delattr(module, RUNTIME_ATTR)
+        runtime = own.pop(RUNTIME_ATTR, None)
+        if isinstance(runtime, FusedRuntime):
+            runtime.drop_caches()
     return removed
