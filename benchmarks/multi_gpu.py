@@ -142,7 +142,7 @@ def bench_replicas(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import transformers
 
     import transformers_fastpath as fp
-    from transformers_fastpath.replicas import enable_replicas, replicas_of
+    from transformers_fastpath.replicas import enable_replicas, replicas_of, split_contiguous
 
     gpus = torch.cuda.device_count()
     if gpus < 2 and not args.tiny:
@@ -172,9 +172,16 @@ def bench_replicas(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             times.append(time.perf_counter() - start)
         median = statistics.median(times)
         outputs[variant] = out
+        alone = []  # each replica on its own shard, one after the other: where the time goes
+        for replica, shard in zip(replicas_of(pipe), split_contiguous(len(inputs), len(replicas_of(pipe)))):
+            sync()
+            start = time.perf_counter()
+            replica([inputs[i] for i in shard])
+            sync()
+            alone.append({"replica": repr(replica)[:60], "inputs": len(shard), "seconds": time.perf_counter() - start})
         results[variant] = {"placement": plan["placement"] if plan else None,
                             "placement_reason": plan.settings["placement"].reason if plan else None,
-                            "replicas": len(replicas_of(pipe)) or 1, "seconds": times,
+                            "replicas": len(replicas_of(pipe)) or 1, "seconds": times, "each_replica_alone": alone,
                             "texts_per_s": len(inputs) / median}
         del pipe
     results["throughput_ratio"] = results["replicate"]["texts_per_s"] / results["single"]["texts_per_s"]

@@ -140,6 +140,7 @@ def run_variant(name: str, path: Path, args: argparse.Namespace) -> dict[str, An
     if args.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if args.device == "cuda" else 0
     try:
         with fp.enabled(policy):
             model = AutoModelForCausalLM.from_pretrained(path)
@@ -156,6 +157,9 @@ def run_variant(name: str, path: Path, args: argparse.Namespace) -> dict[str, An
         "quantization": plan["quantization"] if plan else None,
         "plan_reason": plan.settings["quantization"].reason if plan else None,
         "footprint_bytes": int(model.get_memory_footprint()),
+        # get_memory_footprint() counts a torchao tensor subclass at its nominal dtype; the
+        # allocator's count is what the weights really take on the device.
+        **({"device_bytes": int(torch.cuda.memory_allocated() - before)} if args.device == "cuda" else {}),
         "runs": [time_generate(model, args, b) for b in args.batches],
     }
     if args.device == "cuda":
@@ -171,8 +175,9 @@ def summarize(results: list[dict[str, Any]]) -> list[str]:
         if "skipped" in r:
             lines.append(f"{r['variant']:<14} skipped: {r['skipped']}")
             continue
-        foot = r["footprint_bytes"] / 2**30
-        rel = f" ({r['footprint_bytes'] / base['footprint_bytes']:.2f}x bf16)" if base else ""
+        key = "device_bytes" if "device_bytes" in r and base and "device_bytes" in base else "footprint_bytes"
+        foot = r[key] / 2**30
+        rel = f" ({r[key] / base[key]:.2f}x bf16, {key})" if base else ""
         speeds = []
         for run in r["runs"]:
             ref = next((x for x in (base or {}).get("runs", []) if x["batch"] == run["batch"]), None)

@@ -320,3 +320,45 @@ def test_torchrun_tensor_and_data_parallel(tiny_model_factory, tmp_path: Path) -
         assert len(rank["tp_tokens"]) == len(PROMPTS)
         assert rank["dp_placement"] == "single" and rank["dp_shard_size"] == len(DP_TEXTS) // 2
         assert rank["dp_results"] == expected_dp
+
+
+def test_replicas_in_worker_processes(classifier_reference, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker-process replicas (what GPUs get): the worker rebuilds the pipeline from its checkpoint
+    with the parent's plan pinned, results come back in order, and a dead worker loses nothing."""
+    import transformers
+
+    from transformers_fastpath.replica_workers import WorkerReplica, recipe_for
+
+    path, reference = classifier_reference
+    two = Hardware(device="cpu", count=2, memory_gib=32, cpu_count=2)
+    monkeypatch.setattr(Hardware, "detect", classmethod(lambda cls: two))
+    pipe = transformers.pipeline("text-classification", model=str(path), batch_size=4,
+                                 fastpath={"defaults": {"placement": "single"}})
+    plan = fp.plan_of(pipe)
+    recipe = recipe_for(pipe, plan)
+    assert not isinstance(recipe, str), recipe
+    assert recipe.call["model"] == str(path) and recipe.call["batch_size"] == 4
+    assert recipe.policy["defaults"]["placement"] == "single"
+    assert recipe.policy["defaults"]["length_bucketing"] == plan["length_bucketing"]
+
+    enable_replicas(pipe, ["cpu", "cpu"], plan=plan, workers="processes")
+    worker = replicas_of(pipe)[1]
+    assert isinstance(worker, WorkerReplica) and worker.wait_ready(timeout=120) == "cpu"
+    assert _labels(pipe(TEXTS)) == reference
+    worker.close()  # the worker is gone: its shard runs on the first replica instead
+    assert _labels(pipe(TEXTS)) == reference
+    disable_replicas(pipe)
+
+
+def test_worker_replicas_need_a_loadable_checkpoint(classifier_reference) -> None:
+    import transformers
+
+    from transformers_fastpath.replica_workers import recipe_for
+
+    path, _ = classifier_reference
+    pipe = transformers.pipeline("text-classification", model=str(path), fastpath=True)
+    pipe.model.name_or_path = "/nonexistent/checkpoint"
+    assert "neither a directory nor a Hub id" in recipe_for(pipe, fp.plan_of(pipe))
+    assert "no fastpath plan" in recipe_for(pipe, None)
+    with pytest.raises(ValueError, match="cannot rebuild this pipeline"):
+        enable_replicas(pipe, ["cpu", "cpu"], plan=fp.plan_of(pipe), workers="processes")

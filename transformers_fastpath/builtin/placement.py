@@ -46,7 +46,7 @@ def fastpath_pipeline_created(plan: Plan, pipeline: Any) -> None:
     if plan.get("placement") == "replicate":
         from ..replicas import enable_replicas
 
-        enable_replicas(pipeline, replica_devices(plan.hardware))
+        enable_replicas(pipeline, replica_devices(plan.hardware), plan=plan)
 
 
 def _settle_dtype(plan: PlanBuilder) -> None:

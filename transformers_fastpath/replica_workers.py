@@ -1,0 +1,137 @@
+"""Pipeline replicas in worker processes: one interpreter (and one GIL) per extra device.
+
+A text pipeline spends most of its time in Python -- tokenizing, collating and post-processing
+one input at a time -- so replicas in threads of one process share one GIL and do not scale
+(0.60x on two H100s for a BERT-base classifier). A :class:`WorkerReplica` instead runs its
+shard in a spawned process that rebuilds the same pipeline on its own device: the same task,
+checkpoint, tokenizer and batch size, and the parent's plan pinned as an explicit policy
+(every setting as resolved, placement ``single``), so the worker makes the parent's decisions.
+
+The recipe needs a checkpoint the worker can load (a local directory or a Hub id, as
+``model.name_or_path``) and picklable pipeline parameters; :func:`recipe_for` says why when
+there is none, and :mod:`transformers_fastpath.replicas` then uses thread replicas.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import weakref
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from .plan import Plan
+
+__all__ = ["PipelineRecipe", "WorkerReplica", "recipe_for"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineRecipe:
+    """How a worker process rebuilds a pipeline: ``pipeline(**call, device=..., fastpath=policy)``."""
+
+    call: dict[str, Any]
+    policy: dict[str, Any]
+
+
+def recipe_for(pipeline: Any, plan: Plan | None) -> PipelineRecipe | str:
+    """The recipe that rebuilds ``pipeline`` in another process, or why there is none."""
+    if plan is None:
+        return "the pipeline has no fastpath plan to pin"
+    model = getattr(pipeline, "model", None)
+    source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not source:
+        return "the model has no name_or_path to load it from"
+    if not os.path.isdir(source) and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
+        return f"the model's name_or_path {source!r} is neither a directory nor a Hub id"
+    call: dict[str, Any] = {"task": getattr(pipeline, "task", None), "model": source,
+                            "batch_size": getattr(pipeline, "_batch_size", None)}
+    tokenizer = getattr(pipeline, "tokenizer", None)
+    if tokenizer is not None:
+        call["tokenizer"] = getattr(tokenizer, "name_or_path", None) or source
+    for params in ("_preprocess_params", "_forward_params", "_postprocess_params"):
+        call.update(getattr(pipeline, params, None) or {})
+    call = {k: v for k, v in call.items() if v is not None}
+    policy = _pinned_policy(plan)
+    try:
+        pickle.dumps((call, policy))
+    except Exception as exc:  # a parameter that cannot cross a process boundary
+        return f"the pipeline's parameters cannot be sent to a worker process ({type(exc).__name__}: {exc})"
+    return PipelineRecipe(call, policy)
+
+
+def _pinned_policy(plan: Plan) -> dict[str, Any]:
+    """The plan's resolved settings as a policy that resolves to the same decisions (placement single)."""
+    from .errors import PolicyError
+    from .policy import Policy
+
+    defaults: dict[str, Any] = {}
+    for key, decision in plan.settings.items():
+        value = list(decision.value) if isinstance(decision.value, tuple) else decision.value
+        try:
+            Policy.from_dict({"defaults": {key: value}})
+        except PolicyError:
+            continue  # a value the policy cannot state (rare): the worker resolves it itself
+        defaults[key] = value
+    defaults["placement"] = "single"
+    defaults.pop("device", None)  # the worker's device comes from its pipeline argument
+    return {"defaults": defaults}
+
+
+# -- in the worker process ----------------------------------------------------------------------
+
+_PIPELINE: Any = None
+
+
+def _worker_init(recipe: PipelineRecipe, device: str, threads: int | None) -> None:
+    global _PIPELINE
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from .api import pipeline
+
+    _PIPELINE = pipeline(**recipe.call, device=device, fastpath=recipe.policy)
+
+
+def _worker_ready() -> str:
+    return str(getattr(_PIPELINE, "device", "?"))
+
+
+def _worker_run(inputs: list[Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+    return _PIPELINE(inputs, *args, **kwargs)
+
+
+# -- in the parent ------------------------------------------------------------------------------
+
+class WorkerReplica:
+    """A pipeline replica in a spawned process on ``device``; call it like the pipeline.
+
+    The worker starts (and loads its model) as soon as the replica is created; the first call
+    waits for it. The process ends with :meth:`close`, or when the replica is garbage collected.
+    """
+
+    def __init__(self, recipe: PipelineRecipe, device: str, *, threads: int | None = None) -> None:
+        self.device = device
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_worker_init, initargs=(recipe, device, threads))
+        self._ready: Future[str] = self._pool.submit(_worker_ready)
+        self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+
+    def wait_ready(self, timeout: float | None = None) -> str:
+        """Block until the worker's pipeline is built; re-raises its construction error."""
+        return self._ready.result(timeout)
+
+    def __call__(self, inputs: list[Any], *args: Any, **kwargs: Any) -> Any:
+        return self._pool.submit(_worker_run, inputs, args, kwargs).result()
+
+    def close(self) -> None:
+        """Stop the worker process."""
+        self._finalizer()
+
+    def __repr__(self) -> str:
+        return f"WorkerReplica(device={self.device!r})"
