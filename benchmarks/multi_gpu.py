@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=None, help="tp mode prompt tokens (default 128; tiny 16)")
     p.add_argument("--new-tokens", type=int, default=None, help="tp mode new tokens (default 128; tiny 8)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs (default 3; tiny 1)")
+    p.add_argument("--workers", default="auto", choices=("auto", "processes", "threads"),
+                   help="replicas mode: worker processes or threads for the extra replicas (default auto)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory for BERT (default: the bundled MiniLM's)")
     p.add_argument("--out", default=None, help="write the JSON report here (rank 0 under torchrun)")
     args = p.parse_args(argv)
@@ -156,9 +158,15 @@ def bench_replicas(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         if args.tiny and variant == "replicate":
             policy["defaults"]["placement"] = "single"
         pipe = transformers.pipeline("text-classification", model=path, fastpath=policy)
-        if args.tiny and variant == "replicate":
-            enable_replicas(pipe, ["cpu", "cpu"])  # two CPU copies stand in for two GPUs
         plan = fp.plan_of(pipe)
+        if args.tiny and variant == "replicate":
+            enable_replicas(pipe, ["cpu", "cpu"], plan=plan, workers=args.workers)  # two CPU copies stand in
+        elif variant == "replicate" and args.workers != "auto":
+            from transformers_fastpath.replicas import disable_replicas
+
+            devices = [str(getattr(r, "device", "cuda:0")) for r in replicas_of(pipe)]
+            disable_replicas(pipe)
+            enable_replicas(pipe, devices, plan=plan, workers=args.workers)
         if plan is None:
             sys.exit("multi_gpu: pipeline(..., fastpath=...) was not intercepted: the .pth bootstrap is not "
                      "installed in this interpreter's site-packages (see benchmarks/gpu_env.sh)")
@@ -181,7 +189,7 @@ def bench_replicas(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             alone.append({"replica": repr(replica)[:60], "inputs": len(shard), "seconds": time.perf_counter() - start})
         results[variant] = {"placement": plan["placement"] if plan else None,
                             "placement_reason": plan.settings["placement"].reason if plan else None,
-                            "replicas": len(replicas_of(pipe)) or 1, "seconds": times, "each_replica_alone": alone,
+                            "replicas": len(replicas_of(pipe)) or 1, "workers": args.workers, "seconds": times, "each_replica_alone": alone,
                             "texts_per_s": len(inputs) / median}
         del pipe
     results["throughput_ratio"] = results["replicate"]["texts_per_s"] / results["single"]["texts_per_s"]

@@ -14,11 +14,15 @@ there is none, and :mod:`transformers_fastpath.replicas` then uses thread replic
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import pickle
+import sys
+import types
 import weakref
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +112,23 @@ def _worker_run(inputs: list[Any], args: tuple, kwargs: dict[str, Any]) -> Any:
 
 # -- in the parent ------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _main_script_hidden() -> Iterator[None]:
+    """Start processes without re-running the user's script in them.
+
+    A spawned process imports the parent's ``__main__`` (by path or module name) before it runs
+    anything; a script without an ``if __name__ == "__main__":`` guard would run again, top to
+    bottom, in every worker. The workers need nothing from it (they rebuild the pipeline from the
+    recipe), so while they start ``__main__`` is a bare module with no file and no spec.
+    """
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
+
 class WorkerReplica:
     """A pipeline replica in a spawned process on ``device``; call it like the pipeline.
 
@@ -119,7 +140,8 @@ class WorkerReplica:
         self.device = device
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_worker_init, initargs=(recipe, device, threads))
-        self._ready: Future[str] = self._pool.submit(_worker_ready)
+        with _main_script_hidden():  # the first submit starts the process
+            self._ready: Future[str] = self._pool.submit(_worker_ready)
         self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
 
     def wait_ready(self, timeout: float | None = None) -> str:
