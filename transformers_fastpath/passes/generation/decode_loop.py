@@ -47,7 +47,7 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "token_healing": (False, None), "output_scores": (False, None), "output_logits": (False, None),
     "output_attentions": (False, None), "output_hidden_states": (False, None),
     "return_dict_in_generate": (False, None), "prompt_lookup_num_tokens": (None,),
-    "assistant_early_exit": (None,), "cache_implementation": (None,), "max_length": (None,),
+    "assistant_early_exit": (None,), "cache_implementation": (None,),
 }
 _DEFAULT_MAX_LENGTH = 20
 
@@ -75,8 +75,6 @@ def ineligible(model: Any, call: dict[str, Any]) -> str | None:
     if leftover:
         return f"model keyword arguments {sorted(leftover)}"
     for name, neutral in _NEUTRAL.items():
-        if name == "max_length":
-            continue
         value = getattr(config, name, None)
         if value not in neutral:
             return f"generation setting {name} = {value!r}"
