@@ -1,9 +1,10 @@
 """The plugin manager: hook specs, built-in plugin modules, and third-party entry points.
 
 Third-party plugins are found once, lazily, in the ``transformers_fastpath`` entry-point group.
-``TRANSFORMERS_FASTPATH_DISABLE_PLUGIN_AUTOLOAD=1`` turns autoload off;
-``TRANSFORMERS_FASTPATH_PLUGINS=a,b`` loads only the named entry points. A plugin that fails to
-import is reported (a warning and ``transformers-fastpath plugins``) and skipped.
+``TRANSFORMERS_FASTPATH_DISABLE_PLUGIN_AUTOLOAD=1`` turns autoload off (a value that is not
+1/true/yes/on or 0/false/no/off warns and turns it off too); ``TRANSFORMERS_FASTPATH_PLUGINS=a,b``
+loads only the named entry points (names that match no installed plugin warn). A plugin that
+fails to import is reported (a warning and ``transformers-fastpath plugins``) and skipped.
 """
 
 from __future__ import annotations
@@ -152,15 +153,63 @@ def reset_plugin_manager() -> None:
         _failures.clear()
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
 def _autoload_enabled() -> bool:
-    value = os.environ.get(ENV_DISABLE_AUTOLOAD, "").strip().lower()
-    return value not in ("1", "true", "yes", "on")
+    """False when ``TRANSFORMERS_FASTPATH_DISABLE_PLUGIN_AUTOLOAD`` is set.
+
+    1/true/yes/on disable autoload, 0/false/no/off (or unset) keep it. Any other value warns
+    and disables it too: a variable whose name says "disable" is taken at its word.
+    """
+    raw = os.environ.get(ENV_DISABLE_AUTOLOAD, "")
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return False
+    if value in _FALSE:
+        return True
+    _warn_env(f"transformers-fastpath: {ENV_DISABLE_AUTOLOAD}={_shown(raw)} is not one of "
+              f"{'/'.join(_TRUE[:2])} or {'/'.join(_FALSE[1:3])}; third-party plugins are not loaded "
+              "(set it to 0 to load them)")
+    return False
+
+
+def _allow_list() -> set[str] | None:
+    """The names in ``TRANSFORMERS_FASTPATH_PLUGINS`` (None: unset, every plugin loads)."""
+    raw = os.environ.get(ENV_ALLOW, "")
+    if not raw.strip():
+        return None
+    names = {a.strip() for a in raw.split(",") if a.strip()}
+    if not names:
+        _warn_env(f"transformers-fastpath: {ENV_ALLOW}={_shown(raw)} names no plugin; no third-party plugin "
+                  "is loaded (unset it to load all of them)")
+    return names
+
+
+def _shown(value: str, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(value)} characters)"
+
+
+_env_warned: set[str] = set()
+
+
+def _warn_env(message: str) -> None:
+    if message not in _env_warned:
+        _env_warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
-    allow_raw = os.environ.get(ENV_ALLOW, "").strip()
-    allow = {a.strip() for a in allow_raw.split(",") if a.strip()} if allow_raw else None
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    allow = _allow_list()
+    entry_points = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+    if allow:
+        unknown = sorted(allow - {ep.name for ep in entry_points})
+        if unknown:
+            _warn_env(f"transformers-fastpath: {ENV_ALLOW} names {_shown(', '.join(unknown))}, but no installed "
+                      f"plugin has that name (installed: {', '.join(sorted(ep.name for ep in entry_points)) or 'none'})")
+    for ep in entry_points:
         if allow is not None and ep.name not in allow:
             logger.debug("plugin %s not in %s; not loaded", ep.name, ENV_ALLOW)
             continue
@@ -170,7 +219,7 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         try:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
-        except Exception as exc:  # a broken third-party plugin must not break the user's program
+        except (Exception, SystemExit) as exc:  # a broken third-party plugin must not break the user's program
             message = f"{type(exc).__name__}: {exc}"
             warnings.warn(
                 f"transformers-fastpath plugin {ep.name!r} ({ep.value}, from {dist or 'unknown distribution'}) "

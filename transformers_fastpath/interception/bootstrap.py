@@ -76,14 +76,22 @@ class PostImportFinder(MetaPathFinder):
 def _safely(patch: Callable[[ModuleType], None]) -> Callable[[ModuleType], None]:
     def callback(module: ModuleType) -> None:
         try:
+            from .compat import unsupported_transformers
+
+            problem = unsupported_transformers()
+            if problem is not None:  # one warning for both modules, and nothing patched
+                _warn_once(f"transformers-fastpath: {problem}; the process stays unpatched.")
+                return
             patch(module)
         except Exception as exc:  # never break the import of transformers
             _warn_once(f"transformers-fastpath could not patch {module.__name__} and leaves it unpatched: "
                        f"{type(exc).__name__}: {exc}. Set {ENV_SWITCH}=0 to silence this.")
-            try:
-                from .patches import unpatch_all
+            try:  # all or nothing: no half-patched transformers, no policy without patches
+                from . import patches, state
 
-                unpatch_all()
+                with patches.lock:
+                    state.set_installed_policy(None)
+                    patches.unpatch_all()
             except Exception:
                 pass
 
@@ -119,10 +127,18 @@ def _install_from_env() -> None:
         _warn_once(f"{ENV_SWITCH}: the policy is invalid, so fastpath stays off in this process: {exc}")
         patches.unpatch_all()
         return
-    state.set_installed_policy(policy)
+    with patches.lock:  # two threads importing the two modules at once: one policy, set once
+        if state.installed_policy() is None and patches.is_patched():
+            state.set_installed_policy(policy)
 
 
 _warned: set[str] = set()
+
+
+def _shown(value: str, limit: int = 120) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a huge variable must not become a huge warning."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(value)} characters)"
 
 
 def _warn_once(message: str) -> None:
@@ -147,14 +163,14 @@ def boot() -> None:
             _mode = "install"
         elif switch:
             if not os.path.isfile(switch):
-                _disabled_reason = f"{ENV_SWITCH}={switch!r} is neither 0/1 nor an existing policy file"
+                _disabled_reason = f"{ENV_SWITCH}={_shown(switch)} is neither 0/1 nor an existing policy file"
                 _warn_once(f"transformers-fastpath: {_disabled_reason}; the process stays unpatched. "
                            f"Use {ENV_SWITCH}=1, {ENV_SWITCH}=0, or a path to a fastpath.toml.")
                 return
             _mode = "install"
         policy_path = os.environ.get(ENV_POLICY, "").strip()
         if policy_path and not os.path.isfile(policy_path):
-            _disabled_reason = f"{ENV_POLICY}={policy_path!r} is not a file"
+            _disabled_reason = f"{ENV_POLICY}={_shown(policy_path)} is not a file"
             _warn_once(f"transformers-fastpath: {_disabled_reason}; the process stays unpatched.")
             return
         finder = PostImportFinder({

@@ -18,14 +18,21 @@ def install(policy: PolicyLike = None) -> None:
     invalid one raises :class:`PolicyError` and nothing is patched.
     """
     resolved = load_policy(policy)
-    patches.patch_all()
-    state.set_installed_policy(resolved)
+    patches.import_targets()  # outside the lock: importing may run the bootstrap's own patching
+    with patches.lock:  # patched + policy set in one step, against a concurrent uninstall()
+        patches.patch_all()
+        state.set_installed_policy(resolved)
 
 
 def uninstall() -> None:
-    """Turn fastpath off and put transformers' original function objects back."""
-    state.set_installed_policy(None)
-    patches.unpatch_all()
+    """Turn fastpath off and put transformers' original function objects back.
+
+    Thread-safe against concurrent :func:`install` calls: whichever runs last decides, and the
+    process is then either fully patched with a policy, or fully unpatched.
+    """
+    with patches.lock:
+        state.set_installed_policy(None)
+        patches.unpatch_all()
 
 
 def is_installed() -> bool:

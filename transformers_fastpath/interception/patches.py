@@ -5,6 +5,10 @@ Wrapped: ``PreTrainedModel.from_pretrained`` (the Auto classes reach it too),
 ``transformers.pipeline`` / ``transformers.pipelines.pipeline``, and the pipeline's model
 loader ``load_model`` (so a ``pipeline`` name imported before patching still gets its task).
 With fastpath off for a call, each wrapper calls the original with exactly the caller's arguments.
+
+Thread safety: patching, unpatching and ``install()``/``uninstall()`` hold :data:`lock`; while
+patched, ``from_pretrained`` calls run one at a time (:data:`load_lock`), because transformers
+builds models under process-wide state (the default dtype) that concurrent loads corrupt.
 """
 
 from __future__ import annotations
@@ -21,23 +25,76 @@ from typing import Any
 from . import state
 from .state import UNSET, LoadContext
 
-__all__ = ["patch_modeling", "patch_pipelines", "patch_all", "unpatch_all", "is_patched", "original"]
+__all__ = ["patch_modeling", "patch_pipelines", "patch_all", "unpatch_all", "is_patched", "original", "is_wrapper",
+           "import_targets", "lock"]
 
 logger = logging.getLogger("transformers_fastpath")
 
-_lock = threading.RLock()
+# Guards _originals and every patch/unpatch, and (held by install()/uninstall()) makes "patched +
+# policy set" one step. Never import a module while holding it: the .pth bootstrap patches from
+# inside an import (holding that module's import lock) and takes this lock, so a thread holding
+# it and waiting for the same import would deadlock.
+lock = threading.RLock()
+_lock = lock
+# One from_pretrained at a time while patched (re-entrant for nested loads in one thread).
+# transformers' loading sets process-wide state, torch's default dtype above all
+# (``torch.set_default_dtype`` while the model is built): two threads loading at once with
+# different dtypes -- which per-thread fastpath policies make ordinary -- get models with mixed
+# float32/bfloat16 parameters, and the process can be left with the wrong default dtype.
+load_lock = threading.RLock()
 # (owner object, attribute) -> the original object found there (exactly as found in __dict__).
 _originals: dict[tuple[int, str], tuple[Any, Any]] = {}
+# Set on every wrapper function, so a wrapper is never taken for an original and wrapped again.
+_WRAPPER_MARK = "__transformers_fastpath_wrapper__"
+
+
+def is_wrapper(obj: Any) -> bool:
+    """True for the functions fastpath puts in place (also behind a ``classmethod``)."""
+    return getattr(getattr(obj, "__func__", obj), _WRAPPER_MARK, False) is True
+
+
+def _mark(wrapper: Any) -> Any:
+    setattr(wrapper, _WRAPPER_MARK, True)
+    return wrapper
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code",
                "force_download", "proxies")
+
+
+def _check_version() -> None:
+    """Refuse to patch a transformers release outside the supported range (FastpathError naming the fix)."""
+    from .compat import unsupported_transformers
+
+    problem = unsupported_transformers()
+    if problem is not None:
+        from ..errors import FastpathError
+
+        raise FastpathError(problem)
+
+
+def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The caller's Hub arguments for fastpath's own config read.
+
+    ``trust_remote_code`` is the caller's, or False: fastpath never runs (nor asks on the terminal
+    to run) a model's custom code to plan it. When the config needs it, planning fails and
+    transformers' own load reports it, exactly as without fastpath.
+    """
+    hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    if hub.get("trust_remote_code") is not True:
+        hub["trust_remote_code"] = False
+    return hub
 
 
 def _replace(owner: Any, attr: str, new: Any) -> None:
     key = (id(owner), attr)
     if key in _originals:
         return
-    _originals[key] = (owner, owner.__dict__.get(attr, UNSET) if hasattr(owner, "__dict__") else UNSET)
+    found = owner.__dict__.get(attr, UNSET) if hasattr(owner, "__dict__") else UNSET
+    # A stale wrapper of ours (a lazy ``transformers`` module that cached it while patched) is
+    # never wrapped again: the original behind it is what gets recorded and restored.
+    while not isinstance(found, classmethod) and is_wrapper(found) and hasattr(found, "__wrapped__"):
+        found = found.__wrapped__
+    _originals[key] = (owner, found)
     setattr(owner, attr, new)
 
 
@@ -57,24 +114,30 @@ def is_patched() -> bool:
 
 def patch_modeling(modeling_utils: ModuleType) -> None:
     """Wrap ``from_pretrained`` and ``save_pretrained`` of ``PreTrainedModel`` (idempotent)."""
+    _check_version()
     with _lock:
         cls = modeling_utils.PreTrainedModel
         if (id(cls), "from_pretrained") in _originals:
             return
         orig_from = cls.__dict__["from_pretrained"]  # a classmethod object
         orig_save = cls.__dict__["save_pretrained"]
+        if is_wrapper(orig_from) or is_wrapper(orig_save):  # wrapped by another copy of this module
+            raise RuntimeError("PreTrainedModel.from_pretrained is already wrapped by transformers-fastpath, but "
+                               "not by this copy of it (two installations, or the module was reloaded)")
         _replace(cls, "from_pretrained", classmethod(_make_from_pretrained(orig_from.__func__)))
         _replace(cls, "save_pretrained", _make_save_pretrained(orig_save))
 
 
 def _make_from_pretrained(orig: Any) -> Any:
+    @_mark
     @functools.wraps(orig)
     def from_pretrained(cls: type, pretrained_model_name_or_path: Any, *args: Any, fastpath: Any = UNSET,
                         **kwargs: Any) -> Any:
         policy = state.policy_for_call(fastpath)
-        if policy is None or state.inside_load():
-            return orig(cls, pretrained_model_name_or_path, *args, **kwargs)
-        return _fastpath_load(orig, cls, pretrained_model_name_or_path, args, kwargs, policy)
+        with load_lock:
+            if policy is None or state.inside_load():
+                return orig(cls, pretrained_model_name_or_path, *args, **kwargs)
+            return _fastpath_load(orig, cls, pretrained_model_name_or_path, args, kwargs, policy)
 
     return from_pretrained
 
@@ -94,8 +157,7 @@ def _fastpath_load(orig: Any, cls: type, path: Any, args: tuple, kwargs: dict[st
             if target is path:
                 from ..model_info import ModelInfo
 
-                target = ModelInfo.from_pretrained(path, task=task,
-                                                   **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+                target = ModelInfo.from_pretrained(path, task=task, **_hub_kwargs(kwargs))
             plan = resolve(target, task=task, policy=policy, call_kwargs=kwargs)
         except FastpathError:
             raise
@@ -120,6 +182,7 @@ def _conflicts(key: str, kwargs: dict[str, Any]) -> bool:
 
 
 def _make_save_pretrained(orig: Any) -> Any:
+    @_mark
     @functools.wraps(orig)
     def save_pretrained(self: Any, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
         from ..passes.runner import PLAN_ATTR, canonical_for_save
@@ -136,10 +199,14 @@ def _make_save_pretrained(orig: Any) -> Any:
 
 def patch_pipelines(pipelines: ModuleType) -> None:
     """Wrap ``transformers.pipeline`` (both public names) and the pipeline's ``load_model`` (idempotent)."""
+    _check_version()
     with _lock:
         if (id(pipelines), "pipeline") in _originals:
             return
         orig_pipeline = pipelines.__dict__["pipeline"]
+        if is_wrapper(orig_pipeline):
+            raise RuntimeError("transformers.pipelines.pipeline is already wrapped by transformers-fastpath, but "
+                               "not by this copy of it (two installations, or the module was reloaded)")
         wrapper = _make_pipeline(orig_pipeline)
         _replace(pipelines, "pipeline", wrapper)
         for transformers in _transformers_module_objects():
@@ -171,6 +238,7 @@ def _transformers_module_objects() -> list[ModuleType]:
 def _make_pipeline(orig: Any) -> Any:
     signature = inspect.signature(orig)
 
+    @_mark
     @functools.wraps(orig)
     def pipeline(*args: Any, fastpath: Any = UNSET, **kwargs: Any) -> Any:
         policy = state.policy_for_call(fastpath)
@@ -195,9 +263,8 @@ def _fastpath_pipeline(orig: Any, call: dict[str, Any], policy: Any) -> Any:
     if isinstance(model, str):
         from ..model_info import ModelInfo
 
-        hub = {k: call[k] for k in _HUB_KWARGS if k in call}
         try:
-            info = ModelInfo.from_pretrained(model, task=task, **hub)
+            info = ModelInfo.from_pretrained(model, task=task, **_hub_kwargs(call))
         except Exception as exc:  # transformers raises its own, clearer error below
             logger.debug("fastpath: cannot read the config of %r (%s); transformers will report it", model, exc)
             info = None
@@ -234,6 +301,7 @@ def _pipeline_conflict(key: str, call: dict[str, Any], model_kwargs: dict[str, A
 
 
 def _make_load_model(orig: Any) -> Any:
+    @_mark
     @functools.wraps(orig)
     def load_model(model: Any, config: Any, model_classes: Any = None, task: str | None = None,
                    **model_kwargs: Any) -> Any:
@@ -248,13 +316,28 @@ def _make_load_model(orig: Any) -> Any:
 
 # -- all at once ------------------------------------------------------------------------
 
-def patch_all() -> None:
-    """Import transformers' modeling and pipeline modules and wrap them (idempotent)."""
+def import_targets() -> tuple[ModuleType, ModuleType]:
+    """Import transformers' modeling and pipeline modules (call this *before* taking :data:`lock`)."""
     import transformers.modeling_utils
     import transformers.pipelines
 
-    patch_modeling(transformers.modeling_utils)
-    patch_pipelines(transformers.pipelines)
+    return transformers.modeling_utils, transformers.pipelines
+
+
+def patch_all() -> None:
+    """Import transformers' modeling and pipeline modules and wrap them (idempotent, all or nothing).
+
+    The imports happen outside the lock (see :data:`lock`); both modules are then wrapped in one
+    step, so a concurrent :func:`unpatch_all` never leaves one wrapped and the other not.
+    """
+    modeling_utils, pipelines = import_targets()
+    with lock:
+        try:
+            patch_modeling(modeling_utils)
+            patch_pipelines(pipelines)
+        except BaseException:
+            unpatch_all()
+            raise
 
 
 def unpatch_all() -> None:

@@ -77,6 +77,13 @@ def discover_policy_source(cwd: Path | None = None) -> Path | None:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
+        special = path.exists() and not path.is_file() and not path.is_dir()
+    except OSError:  # a name too long for the file system...: open() below says why
+        special = False
+    if special:  # a FIFO would block the reader forever; a device has no end
+        raise PolicyError("policy path is not a regular file (a pipe, socket or device); point it at a TOML file",
+                          source=str(path))
+    try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
