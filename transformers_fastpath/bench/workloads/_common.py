@@ -1,0 +1,69 @@
+"""Helpers shared by the workload modules."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from ..models import TOKENIZER_MISSING, tokenizer_path
+
+if TYPE_CHECKING:
+    from ...hardware import Hardware
+
+__all__ = ["dtype_name", "enable_fastpath_kwarg", "needs_tokenizer", "plan_summary", "quiet_transformers"]
+
+
+def needs_tokenizer(hardware: Hardware, options: Mapping[str, Any]) -> str | None:
+    """``requires`` of the text pipelines: a tokenizer (the bundled MiniLM's, or ``--tokenizer DIR``)."""
+    return None if tokenizer_path(options) else TOKENIZER_MISSING
+
+
+def enable_fastpath_kwarg() -> None:
+    """Patch transformers so ``fastpath=True/False`` is accepted even with the .pth bootstrap off.
+
+    Every variant passes ``fastpath=`` explicitly, so ``TRANSFORMERS_FASTPATH=1`` in the
+    environment does not turn it on for the variants that measure plain transformers.
+    """
+    from ...interception import patches
+
+    patches.patch_all()
+
+
+def dtype_name(obj: Any) -> str:
+    """``"float16"`` for a model, a pipeline (its model) or a dtype."""
+    dtype = getattr(getattr(obj, "model", obj), "dtype", obj)
+    return str(dtype).replace("torch.", "")
+
+
+def plan_summary(obj: Any) -> dict[str, Any] | None:
+    """What fastpath did to a model or pipeline: applied and skipped passes, key settings."""
+    from ...passes.runner import plan_of
+
+    plan = plan_of(obj)
+    if plan is None:
+        return None
+    keys = ("dtype", "attn_implementation", "device", "placement", "batch_size", "length_bucketing",
+            "quantization", "static_cache", "compile", "encoder_fastpath")
+    settings = {k: plan.settings[k].value for k in keys if k in plan.settings}
+    return {"settings": {k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+                         for k, v in settings.items()},
+            "applied": [p.name for p in plan.passes if p.status == "applied"],
+            "not_applied": {p.name: f"{p.status}: {p.reason}" for p in plan.passes if p.status != "applied"}}
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' logging at error level and no loading bars for the duration (load reports...)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -1,0 +1,38 @@
+"""``feature-extraction``: the README's main job, the bundled all-MiniLM-L6-v2 over sentences of varied length.
+
+320 sentences on a GPU, 96 on a CPU, 8 with ``--quick`` (``--set texts=N``); most are short,
+a few long (:func:`~transformers_fastpath.bench.models.varied_sentences`). ``--model DIR``
+benchmarks another sentence-embedding checkpoint, ``--batch-size N`` sets the expert's batch size.
+Without the bundled model installed (``--tokenizer DIR`` given), the MiniLM shape with random
+weights stands in.
+"""
+
+from __future__ import annotations
+
+from ..models import minilm_checkpoint, tokenizer_path, varied_sentences
+from ..runner import Bench
+from . import Workload
+from ._common import needs_tokenizer
+from ._pipelines import run_pipeline
+
+
+def run(bench: Bench) -> None:
+    """Embeddings of every token of every sentence, as the pipeline returns them (nested lists)."""
+    model = bench.option("model")
+    if model:
+        path, what = str(model), str(model)
+    else:
+        checkpoint, what = minilm_checkpoint(tokenizer_path(bench.options))
+        path = str(checkpoint)
+    texts = varied_sentences(int(bench.pick("texts", gpu=320, cpu=96, quick=8)))
+    run_pipeline(bench, task="feature-extraction", path=path, what=what, texts=texts,
+                 expert_batch=int(bench.pick("batch_size", gpu=64, cpu=32, quick=4)))
+
+
+WORKLOAD = Workload(
+    "feature-extraction",
+    "feature-extraction pipeline, the bundled all-MiniLM-L6-v2 over sentences of varied length "
+    "(320 on GPU, 96 on CPU)",
+    run,
+    needs_tokenizer,
+)

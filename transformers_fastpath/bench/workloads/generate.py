@@ -1,0 +1,76 @@
+"""``generate``: greedy generation with default, expert, compiled and fastpath settings.
+
+GPU: the 0.85B Llama shape (random bf16 weights), prompt 128, 128 new tokens, batch 1 and 16.
+CPU: a small Llama, prompt 32, 32 new tokens, batch 1 and 4. ``--quick``: a tiny Llama. Per
+variant: tokens/s, time to first token (a one-token call), decode ms/token, and the one-time
+cost of the first call (compilation, CUDA graph capture).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..checks import compare_greedy, is_half
+from ..runner import Bench
+from . import Workload
+from ._common import plan_summary
+from ._generate import llama_setup, load_causal, measure_generate
+
+
+def run(bench: Bench) -> None:
+    """Four variants of the same checkpoint, one case per batch size."""
+    import torch
+
+    setup = llama_setup(bench)
+    device = bench.device
+    half = torch.bfloat16 if bench.on_gpu else torch.float32
+    placed: dict[str, Any] = {"device_map": {"": device}} if bench.on_gpu else {}
+    bench.define("default", "AutoModelForCausalLM.from_pretrained(path) with no settings (the checkpoint's bf16, "
+                            f"transformers' default attention) moved to {device}; generate(max_new_tokens=N, "
+                            "do_sample=False) with its default dynamic cache")
+    bench.define("expert", f"from_pretrained(path, dtype={str(half).replace('torch.', '')}, "
+                           f"attn_implementation='sdpa'{', device_map=' + repr(device) if placed else ''}); "
+                           "dynamic cache")
+    bench.define("compile", "expert + generation_config.cache_implementation = 'static': transformers' documented "
+                            "static-cache recipe, which compiles the decode step (mode reduce-overhead, CUDA graphs)")
+    bench.define("fastpath", f"from_pretrained(path, fastpath=True) moved to {device}: its plan's dtype, attention, "
+                             "static cache and compile")
+    if not bench.on_gpu:
+        bench.omit("compile", "transformers compiles generate only on accelerators (its auto-compile criteria); "
+                              "on a CPU the static cache stays uncompiled")
+
+    def compiled() -> Any:
+        model = load_causal(setup.path, device, fastpath=False, dtype=half, attn_implementation="sdpa", **placed)
+        model.generation_config.cache_implementation = "static"
+        return model
+
+    models = {
+        "default": bench.build("default", lambda: load_causal(setup.path, device, fastpath=False)),
+        "expert": bench.build("expert", lambda: load_causal(setup.path, device, fastpath=False, dtype=half,
+                                                            attn_implementation="sdpa", **placed)),
+        "compile": bench.build("compile", compiled),
+        "fastpath": bench.build("fastpath", lambda: load_causal(setup.path, device, fastpath=True)),
+    }
+    bench.config.update(setup.config())
+    if models["fastpath"] is not None:
+        bench.config["fastpath_plan"] = plan_summary(models["fastpath"])
+
+    def make_check(ids: Any, mask: Any, dtypes: dict[str, str], reference: Any) -> Any:
+        def check(variant: str, default_out: Any, out: Any) -> dict[str, Any]:
+            sequences, logits = reference()
+            result = compare_greedy(sequences, logits, out, setup.prompt_len,
+                                    half=is_half(dtypes["default"], dtypes[variant]))
+            result["reference_reproducible"] = bool((sequences == default_out.cpu()).all())
+            return result
+
+        return check
+
+    measure_generate(bench, setup, models, make_check)
+
+
+WORKLOAD = Workload(
+    "generate",
+    "greedy generate, prompt 128 + 128 new tokens, batch 1 and 16 (GPU: 0.85B Llama shape bf16; "
+    "CPU: a small Llama, 32 + 32 tokens, batch 1 and 4)",
+    run,
+)
