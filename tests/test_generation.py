@@ -373,7 +373,8 @@ def test_compile_failure_falls_back_once_and_is_recorded(fresh_llama, monkeypatc
     assert status.status == "failed" and "simulated compiler crash" in status.reason
     assert torch.equal(greedy(model, ids, mask), ref)
     assert calls == [1]  # compile stays off for this model
-    assert _runtime(model).last_request.updates.get("disable_compile") is True
+    request = _runtime(model).last_request  # static_cache was auto (for compile's sake): dynamic now
+    assert not request.static and "compile does not run" in request.reason
 
 
 def test_compile_failure_raises_in_strict_mode(fresh_llama, monkeypatch) -> None:
@@ -507,3 +508,34 @@ def test_compiled_decode_loop_on_cpu_matches_default(fresh_llama) -> None:
     compiled = _runtime(model).loop._compiled
     assert compiled is not None
     assert torch.equal(greedy(model, ids, mask), ref) and _runtime(model).loop._compiled is compiled
+
+
+def test_an_automatic_static_cache_is_dropped_when_compile_cannot_run(fresh_llama, monkeypatch) -> None:
+    """static_cache = auto exists for compile: where compile is skipped, generate keeps transformers'
+    dynamic cache (an uncompiled static cache is slower); an explicit static_cache = true stays."""
+    import transformers_fastpath.passes.generation.passes as gen_passes
+
+    monkeypatch.setattr(gen_passes, "_compile_problem", lambda model: "inductor needs triton (simulated)")
+    model = fresh_llama
+    ids, mask = prompts()
+    ref = greedy(model, ids, mask)
+    fp.apply(model, {"defaults": {"compile": True, "decode_loop": False}}, hardware=CPU)
+    assert fp.plan_of(model).pass_status(COMPILE_PASS).status == "skipped"
+    assert torch.equal(greedy(model, ids, mask), ref)
+    request = _runtime(model).last_request
+    assert not request.static and "the compile pass is not applied" in request.reason
+
+    explicit = build("llama")
+    fp.apply(explicit, {"defaults": {"compile": True, "static_cache": True, "decode_loop": False}}, hardware=CPU)
+    greedy(explicit, ids, mask)
+    assert _runtime(explicit).last_request.static
+
+
+def test_bitsandbytes_weights_turn_compile_off_in_the_plan() -> None:
+    pytest.importorskip("bitsandbytes")
+    config = build("llama").config
+    plan = fp.resolve(config, task="text-generation", policy={"defaults": {"quantization": "bnb-nf4"}},
+                      hardware=H100)
+    assert plan["quantization"] == "bnb-nf4"
+    assert plan["compile"] is False and "bitsandbytes" in plan.settings["compile"].reason
+    assert plan["static_cache"] is False and plan["decode_loop"] is False

@@ -56,6 +56,9 @@ def resolve_generation(plan: PlanBuilder) -> None:
             plan.set("compile", False, reason=f"auto: {not_generative}")
         elif not hw.is_gpu:
             plan.set("compile", False, reason=f"auto: {off_device}")
+        elif str(plan.get("quantization")).startswith("bnb-"):
+            plan.set("compile", False, reason="auto: transformers does not compile bitsandbytes weights (their "
+                                              "quantizer is not compileable)")
         elif static is False:
             plan.set("compile", False, reason="auto: transformers compiles generate only with a static cache, "
                                               "and static_cache = false")

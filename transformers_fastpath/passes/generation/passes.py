@@ -74,6 +74,9 @@ class FastGenerate:
     Attributes:
         compile: whether fastpath lets transformers compile the decode step (the compile pass sets it).
         decode_loop: whether plain greedy calls run fastpath's lean loop (the decode-loop pass sets it).
+        static_needs_compile: the static cache was chosen only for compile's sake (``static_cache =
+            auto``): without compile it is slower than transformers' dynamic cache, so calls keep
+            the dynamic one whenever compile does not run (skipped at apply time, or failed).
         compile_error: why compilation failed on this model, once it has (compile then stays off).
         last_request: the decision for the latest call (what ``explain`` cannot know in advance).
     """
@@ -81,6 +84,7 @@ class FastGenerate:
     def __init__(self, *, strict: bool, label: str) -> None:
         self.compile = False
         self.decode_loop = False
+        self.static_needs_compile = False
         self.loop = DecodeLoop()
         self.last_loop_reason: str | None = None
         self.strict = strict
@@ -92,7 +96,12 @@ class FastGenerate:
     def around_generate(self, model: Any, inner: Any, *args: Any, **kwargs: Any) -> Any:
         """Layer around ``model.generate`` (see :func:`..instance_methods.add_layer`)."""
         call = bind_generate_call(model, args, kwargs)
-        request = plan_request(model, call, compile=self.compile and self.compile_error is None)
+        compiling = self.compile and self.compile_error is None
+        request = plan_request(model, call, compile=compiling)
+        if request.static and self.static_needs_compile and not compiling and not request.caller_compiles:
+            request = GenerateRequest(False, "static_cache = auto, and compile does not run for this model "
+                                             f"({self.compile_error or 'the compile pass is not applied'}): an "
+                                             "uncompiled static cache is slower than the dynamic one")
         self.last_request = request
         if not request.static:
             if request.reason not in self._dynamic_reasons:
@@ -124,10 +133,7 @@ class FastGenerate:
                                    "without it.") from exc
             logger.warning("fastpath (%s): %s; generate runs without compile on this model from now on "
                            "(set compile = false in the policy to skip the attempt).", self.label, reason)
-        retry = plan_request(model, call, compile=False)
-        self.last_request = retry
-        retry_args, retry_kwargs = apply_updates(model, args, kwargs, retry.updates)
-        return inner(*retry_args, **retry_kwargs)
+        return self.around_generate(model, inner, *args, **kwargs)  # compile_error is set: decided afresh
 
     def _loop_failed(self, model: Any, exc: Exception) -> None:
         reason = f"the lean decode loop failed: {type(exc).__name__}: {_first_line(exc)}"
@@ -178,6 +184,8 @@ class StaticCachePass:
             raise PassSkipped(f"{type(model).__name__} has no static KV cache support in transformers "
                               "(_can_compile_fullgraph = False)")
         runtime = FastGenerate(strict=plan.strict, label=plan.model.name or type(model).__name__)
+        decision = plan.settings.get("static_cache")
+        runtime.static_needs_compile = decision is not None and decision.reason.startswith("auto:")
         add_layer(model, "generate", self.name, runtime.around_generate)
 
     def revert(self, model: nn.Module) -> None:
