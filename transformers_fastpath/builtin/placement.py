@@ -23,10 +23,6 @@ from ..plan import Plan, PlanBuilder
 def fastpath_resolve_plan(plan: PlanBuilder) -> None:
     _settle_dtype(plan)
     resolve_placement(plan)
-    if plan.get("placement") == "replicate":
-        # torch's sdpa_kernel() sets process-wide flags and restores them on exit; replicas run
-        # in threads, so their enter/exit pairs interleave and can leave a chain switched on.
-        plan.skip("sdpa_backends", "replicas run in threads and sdpa_kernel() flags are process-wide")
 
 
 @hookimpl

@@ -17,6 +17,11 @@ allowed, when re-running is safe (no cache object or streamer of the caller's is
 
 Calls that record autograd (training) use a chain without cuDNN when the chain is fastpath's own
 (``auto``): cuDNN's attention backward has produced NaN gradients on Hopper.
+
+``sdpa_kernel``'s flags and priority order are process-wide, not per thread: two threads entering
+different chains would interleave their enter/exit pairs and leave the process with one of them.
+:func:`process_chain` shares one applied chain among the threads that want the same one and makes
+a thread that wants another wait until the current one is released.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import contextlib
 import contextvars
 import logging
 import re
+import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -72,6 +78,44 @@ _STATIC_CACHES = ("static", "offloaded_static")
 
 # True while a chain is active in this thread/task: inner forward calls of generate pass through.
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("transformers_fastpath_sdpa_active", default=False)
+
+
+_CHAIN_LOCK = threading.Condition()
+_applied: tuple[Any, ...] | None = None  # the chain applied process-wide now
+_holders = 0  # calls (any thread) running under it
+_applied_context: Any = None
+
+
+@contextlib.contextmanager
+def process_chain(backends: Sequence[Any]) -> Iterator[None]:
+    """``sdpa_kernel(backends, set_priority=True)``, shared safely between threads.
+
+    The first caller applies the chain and the last one to leave restores the previous flags;
+    callers wanting the same chain meanwhile run alongside, callers wanting another one wait.
+    Must not be nested in one thread with a different chain (the pass never does: inner calls of
+    a model under a chain pass through).
+    """
+    global _applied, _holders, _applied_context
+    from torch.nn.attention import sdpa_kernel
+
+    key = tuple(backends)
+    with _CHAIN_LOCK:
+        while _holders and _applied != key:
+            _CHAIN_LOCK.wait()
+        if not _holders:
+            context = sdpa_kernel(list(backends), set_priority=True)
+            context.__enter__()
+            _applied, _applied_context = key, context
+        _holders += 1
+    try:
+        yield
+    finally:
+        with _CHAIN_LOCK:
+            _holders -= 1
+            if not _holders:
+                context, _applied, _applied_context = _applied_context, None, None
+                context.__exit__(None, None, None)
+                _CHAIN_LOCK.notify_all()
 
 
 def available_backends() -> tuple[str, ...]:
@@ -122,7 +166,7 @@ def probe_backend(backend: str, kind: CallKind, geometry: AttentionGeometry, dev
     ``enable_gqa`` when there is no mask, and are repeated when there is one.
     """
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     member = getattr(SDPBackend, BACKEND_NAMES[backend], None)
     if member is None:
@@ -139,7 +183,7 @@ def probe_backend(backend: str, kind: CallKind, geometry: AttentionGeometry, dev
     try:
         q = torch.zeros(1, geometry.num_heads, q_len, geometry.head_dim, dtype=dtype, device=device)
         kv = torch.zeros(1, kv_heads, kv_len, geometry.head_dim, dtype=dtype, device=device)
-        with warnings.catch_warnings(), sdpa_kernel([member]), torch.no_grad():
+        with warnings.catch_warnings(), process_chain([member]), torch.no_grad():
             warnings.simplefilter("ignore")  # torch explains each refusal in a UserWarning; we report it ourselves
             torch.nn.functional.scaled_dot_product_attention(q, kv, kv, **kwargs)
     except RuntimeError as exc:
@@ -261,14 +305,13 @@ class BackendChain:
     def _run(self, model: Any, inner: Any, args: tuple, kwargs: dict[str, Any], kinds: frozenset[CallKind],
              retry_safe: bool) -> Any:
         import torch
-        from torch.nn.attention import sdpa_kernel
 
         grad = torch.is_grad_enabled()
         backends = self.backends_for(model, kinds, grad=grad)
         chain = self.grad_chain if grad else self.chain
         token = _ACTIVE.set(True)
         try:
-            with sdpa_kernel(backends, set_priority=True):
+            with process_chain(backends):
                 return inner(*args, **kwargs)
         except RuntimeError as exc:
             if not is_no_kernel_error(exc):
@@ -288,7 +331,7 @@ class BackendChain:
         everything = _members([*chain, *(n for n in _torch_order() if n not in chain)])
         token = _ACTIVE.set(True)
         try:
-            with sdpa_kernel(everything, set_priority=True):
+            with process_chain(everything):
                 return inner(*args, **kwargs)
         finally:
             _ACTIVE.reset(token)
