@@ -99,11 +99,19 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: 
 
 @pytest.fixture
 def clean_fastpath() -> Iterator[None]:
-    """Leave no install() or patches behind, whatever the test did."""
+    """Leave transformers as the test found it, whatever the test installed or uninstalled: patched
+    by the passive .pth bootstrap or not, and with the same installed policy (a bare uninstall()
+    would also strip the passive patch that later test files rely on)."""
     import transformers_fastpath as fp
+    from transformers_fastpath.interception import patches, state
 
+    was_patched, policy = patches.is_patched(), state.installed_policy()
     yield
     fp.uninstall()
+    if was_patched:
+        patches.patch_all()
+    if policy is not None:
+        state.set_installed_policy(policy)
 
 
 def run_python(code: str, env: dict[str, str] | None = None, cwd: Path | None = None,

@@ -30,17 +30,8 @@ from transformers_fastpath.interception import bootstrap, patches, state
 
 
 @pytest.fixture(autouse=True)
-def restore_fastpath() -> Iterator[None]:
-    """Leave transformers as this test found it: patched by the passive .pth bootstrap or not, and with
-    the same installed policy (conftest's clean_fastpath uninstalls, which strips the passive patch
-    that later test files may rely on)."""
-    was_patched, policy = patches.is_patched(), state.installed_policy()
-    yield
-    fp.uninstall()
-    if was_patched:
-        patches.patch_all()
-    if policy is not None:
-        state.set_installed_policy(policy)
+def _leave_transformers_as_found(clean_fastpath: None) -> None:
+    """Every test here restores the patches and installed policy it found (conftest's clean_fastpath)."""
 
 ENV_VARS = ("TRANSFORMERS_FASTPATH", "TRANSFORMERS_FASTPATH_POLICY", "TRANSFORMERS_FASTPATH_DISABLE_PLUGIN_AUTOLOAD",
             "TRANSFORMERS_FASTPATH_PLUGINS")

@@ -11,7 +11,6 @@ import ast
 import json
 import socket
 import warnings
-from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,23 +22,14 @@ from transformers import AutoConfig, AutoModel
 
 import transformers_fastpath as fp
 from transformers_fastpath import plugins
-from transformers_fastpath.interception import patches, state
+from transformers_fastpath.interception import patches
 
 PACKAGE = Path(fp.__file__).parent
 
 
 @pytest.fixture(autouse=True)
-def restore_fastpath() -> Iterator[None]:
-    """Leave transformers as this test found it: patched by the passive .pth bootstrap or not, and with
-    the same installed policy (conftest's clean_fastpath uninstalls, which strips the passive patch
-    that later test files may rely on)."""
-    was_patched, policy = patches.is_patched(), state.installed_policy()
-    yield
-    fp.uninstall()
-    if was_patched:
-        patches.patch_all()
-    if policy is not None:
-        state.set_installed_policy(policy)
+def _leave_transformers_as_found(clean_fastpath: None) -> None:
+    """Every test here restores the patches and installed policy it found (conftest's clean_fastpath)."""
 
 EVIL_CODE = """
 from pathlib import Path

@@ -9,7 +9,6 @@ import inspect
 import re
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,22 +17,13 @@ from conftest import REPO
 
 import transformers_fastpath as fp
 from transformers_fastpath.errors import FastpathError
-from transformers_fastpath.interception import bootstrap, compat, patches, state
+from transformers_fastpath.interception import bootstrap, compat, patches
 from transformers_fastpath.placement import tensor_parallel_kwargs
 
 
 @pytest.fixture(autouse=True)
-def restore_fastpath() -> Iterator[None]:
-    """Leave transformers as this test found it: patched by the passive .pth bootstrap or not, and with
-    the same installed policy (conftest's clean_fastpath uninstalls, which strips the passive patch
-    that later test files may rely on)."""
-    was_patched, policy = patches.is_patched(), state.installed_policy()
-    yield
-    fp.uninstall()
-    if was_patched:
-        patches.patch_all()
-    if policy is not None:
-        state.set_installed_policy(policy)
+def _leave_transformers_as_found(clean_fastpath: None) -> None:
+    """Every test here restores the patches and installed policy it found (conftest's clean_fastpath)."""
 
 
 def _live() -> object:  # import transformers.pipelines first: it is what re-executes the __init__
