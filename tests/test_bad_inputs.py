@@ -306,7 +306,7 @@ def test_cli_bad_input_messages(cli_paths: dict[str, str]) -> None:
         (["explain", cli_paths["corrupt"]], "is not a valid JSON file"),
         (["explain"], "error: the following arguments are required: model"),
         (["explode"], "error: argument command: invalid choice: 'explode'"),
-        (["bench", "--repeats", "many"], "error: argument --repeats: invalid int value: 'many'"),
+        (["bench", "--repeats", "many"], "error: argument --repeats: invalid positive integer value: 'many'"),
     ]
     for argv, text in cases:
         code, _, err = _cli(argv)

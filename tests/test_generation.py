@@ -539,3 +539,18 @@ def test_bitsandbytes_weights_turn_compile_off_in_the_plan() -> None:
     assert plan["quantization"] == "bnb-nf4"
     assert plan["compile"] is False and "bitsandbytes" in plan.settings["compile"].reason
     assert plan["static_cache"] is False and plan["decode_loop"] is False
+
+
+def test_a_bad_call_is_not_blamed_on_the_decode_loop(fresh_llama) -> None:
+    """An id outside the vocabulary fails in transformers' loop too: that error reaches the caller
+    and the lean loop stays on."""
+    model = fresh_llama
+    ids, mask = prompts()
+    fp.apply(model, LOOP, hardware=CPU)
+    bad = ids.clone()
+    bad[1, 4] = VOCAB + 50
+    with pytest.raises(IndexError):
+        greedy(model, bad, mask)
+    assert _runtime(model).decode_loop
+    assert fp.plan_of(model).pass_status(DECODE_LOOP_PASS).status == "applied"
+    assert torch.equal(greedy(model, ids, mask), greedy(build("llama"), ids, mask)) and _loop_ran(model)

@@ -362,3 +362,17 @@ def test_worker_replicas_need_a_loadable_checkpoint(classifier_reference) -> Non
     assert "no fastpath plan" in recipe_for(pipe, None)
     with pytest.raises(ValueError, match="cannot rebuild this pipeline"):
         enable_replicas(pipe, ["cpu", "cpu"], plan=fp.plan_of(pipe), workers="processes")
+
+
+def test_a_worker_that_cannot_build_its_pipeline_says_why() -> None:
+    from transformers_fastpath.replica_workers import PipelineRecipe, WorkerReplica, WorkerUnavailable
+
+    worker = WorkerReplica(PipelineRecipe({"task": "text-classification", "model": "/nonexistent/checkpoint"},
+                                          {"defaults": {}}), "cpu", threads=1)
+    try:
+        with pytest.raises(WorkerUnavailable, match="could not build its pipeline.*nonexistent"):
+            worker.wait_ready(timeout=120)
+        with pytest.raises(WorkerUnavailable):  # known now: no second attempt
+            worker(["a text"])
+    finally:
+        worker.close()

@@ -139,3 +139,17 @@ def test_tensor_parallel_selection_per_release(monkeypatch: pytest.MonkeyPatch, 
         assert chosen["distributed_config"].tp_plan == "auto" and chosen["distributed_config"].tp_size == 2
     else:
         assert chosen == expected
+
+
+def test_warnings_as_errors_never_break_importing_transformers(tmp_path: Path) -> None:
+    """Under -W error the start-up hook's warning would be an exception inside transformers' import:
+    it is printed instead."""
+    from conftest import run_python
+
+    code = ("import transformers; transformers.__version__ = '5.12.1'\n"
+            "from transformers import pipeline\n"
+            "print('imported', pipeline.__name__)")
+    proc = run_python(code, env={"PYTHONWARNINGS": "error::RuntimeWarning"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "imported pipeline" in proc.stdout
+    assert "is older than" in proc.stderr

@@ -46,6 +46,17 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into a one-line usage error)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+_positive_int.__name__ = "positive integer"  # argparse: "invalid positive integer value: '-3'"
+
+
 def _parse_value(text: str) -> Any:
     """``--set`` values: integers, floats, true/false, comma-separated lists of those, else the string."""
     if "," in text:
@@ -203,13 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="run every workload (same as the name 'all')")
     p.add_argument("--list", action="store_true", help="list workloads and whether they can run here")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke run (seconds on a CPU)")
-    p.add_argument("--repeats", type=int, help="interleaved rounds per case (default 3, 1 with --quick)")
+    p.add_argument("--repeats", type=_positive_int, help="interleaved rounds per case (default 3, 1 with --quick)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a workload size, e.g. --set texts=500 --set batches=1,16 (see docs/benchmarks.md)")
-    p.add_argument("--threads", type=int,
+    p.add_argument("--threads", type=_positive_int,
                    help="torch CPU threads for the run (default: torch's; 1 with --quick on a CPU)")
     p.add_argument("--model", help="feature-extraction: model directory (default: the bundled all-MiniLM-L6-v2)")
-    p.add_argument("--batch-size", type=int,
+    p.add_argument("--batch-size", type=_positive_int,
                    help="pipeline workloads: the expert's batch size (default 64 GPU, 32 CPU)")
     p.add_argument("--tokenizer", help="BERT tokenizer directory for the text workloads when the bundled "
                                        "all-MiniLM-L6-v2 is not installed")

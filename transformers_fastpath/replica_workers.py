@@ -9,7 +9,10 @@ checkpoint, tokenizer and batch size, and the parent's plan pinned as an explici
 
 The recipe needs a checkpoint the worker can load (a local directory or a Hub id, as
 ``model.name_or_path``) and picklable pipeline parameters; :func:`recipe_for` says why when
-there is none, and :mod:`transformers_fastpath.replicas` then uses thread replicas.
+there is none, and :mod:`transformers_fastpath.replicas` then uses thread replicas. A worker
+loads the checkpoint, not the parent's model object: weights changed in memory after loading
+(a fine-tune, ``load_state_dict``) are not seen by it -- pass ``workers="threads"`` for such
+a pipeline. Models carrying PEFT adapters get thread replicas automatically.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 
 from .plan import Plan
 
-__all__ = ["PipelineRecipe", "WorkerReplica", "recipe_for"]
+__all__ = ["PipelineRecipe", "WorkerReplica", "WorkerUnavailable", "recipe_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ def recipe_for(pipeline: Any, plan: Plan | None) -> PipelineRecipe | str:
         return "the model has no name_or_path to load it from"
     if not os.path.isdir(source) and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
         return f"the model's name_or_path {source!r} is neither a directory nor a Hub id"
+    if getattr(model, "peft_config", None) or getattr(model, "_hf_peft_config_loaded", False):
+        return "the model carries PEFT adapters that its checkpoint does not"
     call: dict[str, Any] = {"task": getattr(pipeline, "task", None), "model": source,
                             "batch_size": getattr(pipeline, "_batch_size", None)}
     tokenizer = getattr(pipeline, "tokenizer", None)
@@ -89,24 +94,42 @@ def _pinned_policy(plan: Plan) -> dict[str, Any]:
 # -- in the worker process ----------------------------------------------------------------------
 
 _PIPELINE: Any = None
+_INIT_ERROR: BaseException | None = None
+
+
+class WorkerUnavailable(RuntimeError):
+    """The worker process could not build its pipeline, or is gone: its shards must run elsewhere."""
 
 
 def _worker_init(recipe: PipelineRecipe, device: str, threads: int | None) -> None:
-    global _PIPELINE
-    import torch
+    # An exception escaping an initializer breaks the pool and loses the reason: keep it instead,
+    # and raise it (as WorkerUnavailable) from every task.
+    global _PIPELINE, _INIT_ERROR
+    try:
+        import torch
 
-    if threads:
-        torch.set_num_threads(threads)
-    from .api import pipeline
+        if threads:
+            torch.set_num_threads(threads)
+        from .api import pipeline
 
-    _PIPELINE = pipeline(**recipe.call, device=device, fastpath=recipe.policy)
+        _PIPELINE = pipeline(**recipe.call, device=device, fastpath=recipe.policy)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent by every task
+        _INIT_ERROR = exc
+
+
+def _check_built() -> None:
+    if _INIT_ERROR is not None:
+        raise WorkerUnavailable(f"the worker could not build its pipeline: {type(_INIT_ERROR).__name__}: "
+                                f"{_INIT_ERROR}")
 
 
 def _worker_ready() -> str:
+    _check_built()
     return str(getattr(_PIPELINE, "device", "?"))
 
 
 def _worker_run(inputs: list[Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+    _check_built()
     return _PIPELINE(inputs, *args, **kwargs)
 
 
@@ -143,13 +166,35 @@ class WorkerReplica:
         with _main_script_hidden():  # the first submit starts the process
             self._ready: Future[str] = self._pool.submit(_worker_ready)
         self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+        self.unavailable: str | None = None  # why the worker cannot serve, once known
 
     def wait_ready(self, timeout: float | None = None) -> str:
-        """Block until the worker's pipeline is built; re-raises its construction error."""
-        return self._ready.result(timeout)
+        """Block until the worker's pipeline is built; raises :class:`WorkerUnavailable` with the reason."""
+        return self._call(lambda: self._ready, timeout)
 
     def __call__(self, inputs: list[Any], *args: Any, **kwargs: Any) -> Any:
-        return self._pool.submit(_worker_run, inputs, args, kwargs).result()
+        """Run the pipeline in the worker. Errors of the pipeline itself propagate unchanged; a worker
+        that cannot serve raises :class:`WorkerUnavailable` (and keeps raising it without trying)."""
+        return self._call(lambda: self._pool.submit(_worker_run, inputs, args, kwargs))
+
+    def _call(self, submit: Any, timeout: float | None = None) -> Any:
+        from concurrent.futures.process import BrokenProcessPool
+
+        if self.unavailable is not None:
+            raise WorkerUnavailable(self.unavailable)
+        try:
+            return submit().result(timeout)
+        except WorkerUnavailable as exc:
+            self.unavailable = str(exc)
+            raise
+        except (BrokenProcessPool, pickle.PicklingError) as exc:
+            self.unavailable = f"{type(exc).__name__}: {exc}"
+            raise WorkerUnavailable(self.unavailable) from exc
+        except RuntimeError as exc:
+            if "after shutdown" not in str(exc):  # submit() on a closed pool
+                raise
+            self.unavailable = "the worker was closed"
+            raise WorkerUnavailable(self.unavailable) from exc
 
     def close(self) -> None:
         """Stop the worker process."""

@@ -33,7 +33,7 @@ from typing import Any, Literal
 from .batching import call_override_subclass
 from .pipeline_resilience import gather_shards
 from .plan import Plan
-from .replica_workers import WorkerReplica, recipe_for
+from .replica_workers import WorkerReplica, WorkerUnavailable, recipe_for
 
 __all__ = ["disable_replicas", "enable_replicas", "replicas_of", "split_contiguous"]
 
@@ -61,7 +61,7 @@ def _replicated_call(self: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         return replicas[0](inputs, *args, **kwargs)
     shards = split_contiguous(len(inputs), len(replicas))
     with ThreadPoolExecutor(max_workers=len(shards), thread_name_prefix="fastpath-replica") as pool:
-        futures = [pool.submit(_run_shard, replicas[0], replica, [inputs[i] for i in shard], args, kwargs)
+        futures = [pool.submit(replica, [inputs[i] for i in shard], *args, **kwargs)
                    for replica, shard in zip(replicas, shards)]
         outcomes: list[Any] = []
         for future in futures:  # every shard finishes before anything is raised: nothing is lost
@@ -69,6 +69,15 @@ def _replicated_call(self: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
                 outcomes.append(future.result())
             except Exception as exc:
                 outcomes.append(exc)
+    # A worker that cannot serve: its shard runs on the first replica, after the others, in this
+    # thread (one pipeline object is never called from two threads at once).
+    for k, (replica, shard, outcome) in enumerate(zip(replicas, shards, outcomes)):
+        if isinstance(outcome, WorkerUnavailable):
+            _warn_once(replica, outcome)
+            try:
+                outcomes[k] = replicas[0]([inputs[i] for i in shard], *args, **kwargs)
+            except Exception as exc:
+                outcomes[k] = exc
     for shard, outcome in zip(shards, outcomes):
         if not isinstance(outcome, BaseException) and (not isinstance(outcome, list) or len(outcome) != len(shard)):
             raise RuntimeError(
@@ -80,23 +89,12 @@ def _replicated_call(self: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
     return gather_shards([list(shard) for shard in shards], outcomes, len(inputs))
 
 
-_failed_workers: set[int] = set()
-
-
-def _run_shard(primary: Any, replica: Any, shard: list[Any], args: tuple, kwargs: dict[str, Any]) -> Any:
-    if not isinstance(replica, WorkerReplica):
-        return replica(shard, *args, **kwargs)
-    try:
-        return replica(shard, *args, **kwargs)
-    except Exception as exc:  # the worker died or failed: its inputs run here, nothing is lost
-        if hasattr(exc, "fastpath_results"):
-            raise  # an input's own error, reported per input: running the shard again would not help
-        if id(replica) not in _failed_workers:
-            _failed_workers.add(id(replica))
-            logger.warning("fastpath: the pipeline replica on %s failed (%s: %s); its inputs run on the first "
-                           "replica instead", replica.device, type(exc).__name__, str(exc).splitlines()[0][:200]
-                           if str(exc) else "")
-        return primary(shard, *args, **kwargs)
+def _warn_once(replica: WorkerReplica, exc: Exception) -> None:
+    if getattr(replica, "_warned", False):
+        return
+    replica._warned = True  # type: ignore[attr-defined]
+    logger.warning("fastpath: the pipeline replica on %s cannot serve (%s); its inputs run on the first replica "
+                   "instead", replica.device, str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
 
 
 def _replicated_subclass(cls: type) -> type:

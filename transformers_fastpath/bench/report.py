@@ -170,6 +170,8 @@ def status(report: dict[str, Any]) -> str:
         return f"skipped: {report['skipped']}"
     if report.get("error"):
         return f"error: {report['error']}"
+    if report.get("failed"):
+        return "variant failed: " + ", ".join(f"{name} ({why})" for name, why in report["failed"].items())
     if any((case.get("check") or {}).get("passed") is False for case in report.get("cases", [])):
         return "check failed"
     return "ok"

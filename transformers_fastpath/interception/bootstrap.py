@@ -144,7 +144,10 @@ def _shown(value: str, limit: int = 120) -> str:
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        try:
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        except Exception:  # noqa: BLE001 - warnings turned into errors (-W error) must not break imports
+            print(message, file=sys.stderr)
 
 
 def boot() -> None:

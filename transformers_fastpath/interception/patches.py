@@ -6,9 +6,10 @@ Wrapped: ``PreTrainedModel.from_pretrained`` (the Auto classes reach it too),
 loader ``load_model`` (so a ``pipeline`` name imported before patching still gets its task).
 With fastpath off for a call, each wrapper calls the original with exactly the caller's arguments.
 
-Thread safety: patching, unpatching and ``install()``/``uninstall()`` hold :data:`lock`; while
-patched, ``from_pretrained`` calls run one at a time (:data:`load_lock`), because transformers
-builds models under process-wide state (the default dtype) that concurrent loads corrupt.
+Thread safety: patching, unpatching and ``install()``/``uninstall()`` hold :data:`lock`; loads
+that fastpath handles run one at a time (:data:`load_lock`), because transformers builds models
+under process-wide state (the default dtype) that concurrent loads corrupt. Loads with fastpath
+off never take the lock (they race as they do without fastpath installed).
 """
 
 from __future__ import annotations
@@ -134,9 +135,9 @@ def _make_from_pretrained(orig: Any) -> Any:
     def from_pretrained(cls: type, pretrained_model_name_or_path: Any, *args: Any, fastpath: Any = UNSET,
                         **kwargs: Any) -> Any:
         policy = state.policy_for_call(fastpath)
+        if policy is None or state.inside_load():  # plain loads never wait for the lock
+            return orig(cls, pretrained_model_name_or_path, *args, **kwargs)
         with load_lock:
-            if policy is None or state.inside_load():
-                return orig(cls, pretrained_model_name_or_path, *args, **kwargs)
             return _fastpath_load(orig, cls, pretrained_model_name_or_path, args, kwargs, policy)
 
     return from_pretrained

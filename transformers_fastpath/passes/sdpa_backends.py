@@ -26,6 +26,7 @@ a thread that wants another wait until the current one is released.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import logging
@@ -83,6 +84,7 @@ _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("transformers_fas
 _CHAIN_LOCK = threading.Condition()
 _applied: tuple[Any, ...] | None = None  # the chain applied process-wide now
 _holders = 0  # calls (any thread) running under it
+_queue: collections.deque[tuple[object, tuple[Any, ...]]] = collections.deque()  # waiting calls, first come first
 _applied_context: Any = None
 
 
@@ -90,18 +92,26 @@ _applied_context: Any = None
 def process_chain(backends: Sequence[Any]) -> Iterator[None]:
     """``sdpa_kernel(backends, set_priority=True)``, shared safely between threads.
 
-    The first caller applies the chain and the last one to leave restores the previous flags;
-    callers wanting the same chain meanwhile run alongside, callers wanting another one wait.
-    Must not be nested in one thread with a different chain (the pass never does: inner calls of
-    a model under a chain pass through).
+    The first caller applies the chain and the last one to leave restores the previous flags.
+    Callers wanting the applied chain join it while nobody waits; otherwise callers queue and
+    enter in arrival order (a caller wanting another chain is not starved by a stream of calls
+    under the current one). Must not be nested in one thread with a different chain (the pass
+    never does: inner calls of a model under a chain pass through).
     """
     global _applied, _holders, _applied_context
     from torch.nn.attention import sdpa_kernel
 
     key = tuple(backends)
     with _CHAIN_LOCK:
-        while _holders and _applied != key:
-            _CHAIN_LOCK.wait()
+        if not (_holders and _applied == key and not _queue):
+            ticket = object()
+            _queue.append((ticket, key))
+            try:
+                while not (_queue[0][0] is ticket and (not _holders or _applied == key)):
+                    _CHAIN_LOCK.wait()
+            finally:
+                _queue.remove((ticket, key))
+                _CHAIN_LOCK.notify_all()  # the next in line may want the same chain and join now
         if not _holders:
             context = sdpa_kernel(list(backends), set_priority=True)
             context.__enter__()
@@ -114,8 +124,10 @@ def process_chain(backends: Sequence[Any]) -> Iterator[None]:
             _holders -= 1
             if not _holders:
                 context, _applied, _applied_context = _applied_context, None, None
-                context.__exit__(None, None, None)
-                _CHAIN_LOCK.notify_all()
+                try:
+                    context.__exit__(None, None, None)
+                finally:
+                    _CHAIN_LOCK.notify_all()
 
 
 def available_backends() -> tuple[str, ...]:

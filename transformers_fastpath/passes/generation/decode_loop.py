@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -112,13 +113,18 @@ class DecodeLoop:
 
     The cache is kept between calls of the same batch size, cache length and dtype and reset in
     place, so a compiled step's CUDA graph keeps its addresses (as transformers does with
-    ``model._cache``).
+    ``model._cache``). Calls on one model from several threads take turns.
     """
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()  # one call at a time: the cache is shared between calls
         self._cache: Any = None
         self._cache_key: tuple | None = None
         self._compiled: Callable[..., Any] | None = None
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        # A copied or pickled model gets a fresh loop: cache, compiled step and lock are per object.
+        return (DecodeLoop, ())
 
     def generate(self, model: Any, call: dict[str, Any], *, cache_len: int, compile: bool) -> Any:
         """Greedy tokens for ``call`` (same as ``model.generate``): prompt + new tokens, a LongTensor."""
@@ -133,7 +139,7 @@ class DecodeLoop:
         if mask is None:  # transformers' inference: pad tokens are padding unless pad is an EOS token
             mask = (ids != pad).long() if pad is not None and pad not in eos and bool((ids == pad).any()) \
                 else torch.ones_like(ids)
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             tokens = self._run(model, ids, mask, new_tokens=new_tokens, cache_len=cache_len, eos=eos,
                                pad=pad, compile=compile)
         return tokens.clone()  # a normal tensor, not an inference tensor, as generate returns under no_grad

@@ -108,12 +108,22 @@ class FastGenerate:
                 self._dynamic_reasons.add(request.reason)
                 logger.debug("fastpath (%s): generate keeps the dynamic cache: %s", self.label, request.reason)
             return inner(*args, **kwargs)
-        new_args, new_kwargs = apply_updates(model, args, kwargs, request.updates)
         if self._loop_reason(model, call, request) is None:
             try:
                 return self.loop.generate(model, call, cache_len=request.cache_len or 0, compile=request.compiles)
             except Exception as exc:
-                self._loop_failed(model, exc)  # raises in strict mode; else transformers' loop runs the call
+                loop_error = exc
+            # transformers' loop runs the call. If it fails too, the call itself is at fault (an id out
+            # of the vocabulary, out of memory...): its error propagates and the loop stays on.
+            result = self._transformers_generate(model, inner, call, args, kwargs, request)
+            self._loop_failed(model, loop_error)  # raises in strict mode
+            return result
+        return self._transformers_generate(model, inner, call, args, kwargs, request)
+
+    def _transformers_generate(self, model: Any, inner: Any, call: dict[str, Any], args: tuple,
+                               kwargs: dict[str, Any], request: GenerateRequest) -> Any:
+        """transformers' own ``generate`` with the request's static cache (and compile, falling back once)."""
+        new_args, new_kwargs = apply_updates(model, args, kwargs, request.updates)
         if not request.compiles:
             return inner(*new_args, **new_kwargs)
         try:
@@ -141,6 +151,7 @@ class FastGenerate:
             raise StrictModeError(f"{DECODE_LOOP_PASS} ({self.label}): {reason}; strict mode does not fall back. "
                                   "Set decode_loop = false in the policy, or strict = false.") from exc
         self.decode_loop = False
+        self.loop = DecodeLoop()  # frees its static cache: transformers' loop keeps its own
         _record_failure(model, DECODE_LOOP_PASS, reason)
         logger.warning("fastpath (%s): %s; generate uses transformers' decode loop on this model from now on "
                        "(set decode_loop = false in the policy to skip the attempt).", self.label, reason)
@@ -216,6 +227,7 @@ class DecodeLoopPass:
         runtime = _runtime_of(model)
         if runtime is not None:
             runtime.decode_loop = False
+            runtime.loop = DecodeLoop()  # frees the loop's static cache and compiled step
 
 
 class CompilePass:
