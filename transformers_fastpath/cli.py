@@ -50,7 +50,7 @@ def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (argparse turns the ValueError into a one-line usage error)."""
     value = int(text)
     if value < 1:
-        raise ValueError(text)
+        raise ValueError(f"not a positive integer: {text}")
     return value
 
 

@@ -181,7 +181,7 @@ class WorkerReplica:
         from concurrent.futures.process import BrokenProcessPool
 
         if self.unavailable is not None:
-            raise WorkerUnavailable(self.unavailable)
+            raise WorkerUnavailable(f"the replica worker on {self.device} cannot serve: {self.unavailable}")
         try:
             return submit().result(timeout)
         except WorkerUnavailable as exc:
@@ -189,12 +189,12 @@ class WorkerReplica:
             raise
         except (BrokenProcessPool, pickle.PicklingError) as exc:
             self.unavailable = f"{type(exc).__name__}: {exc}"
-            raise WorkerUnavailable(self.unavailable) from exc
+            raise WorkerUnavailable(f"the replica worker on {self.device} cannot serve: {self.unavailable}") from exc
         except RuntimeError as exc:
             if "after shutdown" not in str(exc):  # submit() on a closed pool
                 raise
             self.unavailable = "the worker was closed"
-            raise WorkerUnavailable(self.unavailable) from exc
+            raise WorkerUnavailable(f"the replica worker on {self.device} cannot serve: {self.unavailable}") from exc
 
     def close(self) -> None:
         """Stop the worker process."""
