@@ -103,15 +103,16 @@ def clean_fastpath() -> Iterator[None]:
     by the passive .pth bootstrap or not, and with the same installed policy (a bare uninstall()
     would also strip the passive patch that later test files rely on)."""
     import transformers_fastpath as fp
-    from transformers_fastpath.interception import patches, state
+    from transformers_fastpath.interception import bootstrap, patches, state
 
-    was_patched, policy = patches.is_patched(), state.installed_policy()
+    was_patched, policy, decided = patches.is_patched(), state.installed_policy(), bootstrap._user_decided
     yield
     fp.uninstall()
     if was_patched:
         patches.patch_all()
     if policy is not None:
         state.set_installed_policy(policy)
+    bootstrap._user_decided = decided
 
 
 def run_python(code: str, env: dict[str, str] | None = None, cwd: Path | None = None,

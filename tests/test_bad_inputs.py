@@ -86,6 +86,7 @@ def fresh_bootstrap(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator
         monkeypatch.setattr(bootstrap, "_disabled_reason", None)
         monkeypatch.setattr(bootstrap, "_warned", set())
         fp.uninstall()
+        monkeypatch.setattr(bootstrap, "_user_decided", False)  # as in a fresh process
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             bootstrap.boot()

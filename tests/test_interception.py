@@ -345,3 +345,16 @@ def test_switch_zero_disables_the_bootstrap() -> None:
     result = run_python(code, env={"TRANSFORMERS_FASTPATH": "0"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False TRANSFORMERS_FASTPATH=0"
+
+
+def test_uninstall_is_not_undone_by_a_later_import(tmp_path) -> None:
+    """With TRANSFORMERS_FASTPATH=1, uninstall() before the first import of transformers.pipelines:
+    that import must not patch again or reinstall the policy."""
+    code = ("import transformers.modeling_utils, transformers_fastpath as fp\n"
+            "fp.uninstall()\n"
+            "from transformers import pipeline\n"
+            "from transformers_fastpath.interception import patches\n"
+            "print('state', fp.is_installed(), patches.is_patched())")
+    proc = run_python(code, env={"TRANSFORMERS_FASTPATH": "1"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "state False False" in proc.stdout

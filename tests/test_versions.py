@@ -90,7 +90,8 @@ def test_bootstrap_on_an_unsupported_transformers_warns_once_and_stays_unpatched
     monkeypatch.setenv("TRANSFORMERS_FASTPATH", "1")
     monkeypatch.delenv("TRANSFORMERS_FASTPATH_POLICY", raising=False)
     monkeypatch.chdir(tmp_path)
-    for name, value in (("_booted", False), ("_mode", "passive"), ("_disabled_reason", None), ("_warned", set())):
+    for name, value in (("_booted", False), ("_mode", "passive"), ("_disabled_reason", None), ("_warned", set()),
+                        ("_user_decided", False)):
         monkeypatch.setattr(bootstrap, name, value)
     meta_path = list(sys.meta_path)
     try:

@@ -73,8 +73,20 @@ class PostImportFinder(MetaPathFinder):
         return None
 
 
+_user_decided = False  # install() / uninstall() was called: later imports leave the state alone
+
+
+def user_decided() -> None:
+    """Called by ``install()``/``uninstall()``: from now on the hook no longer patches on import (an
+    ``uninstall()`` would otherwise be undone by the first import of ``transformers.pipelines``)."""
+    global _user_decided
+    _user_decided = True
+
+
 def _safely(patch: Callable[[ModuleType], None]) -> Callable[[ModuleType], None]:
     def callback(module: ModuleType) -> None:
+        if _user_decided:
+            return
         try:
             from .compat import unsupported_transformers
 

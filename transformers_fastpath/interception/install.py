@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 from ..policy import PolicyLike, load_policy
-from . import patches, state
+from . import bootstrap, patches, state
 
 __all__ = ["install", "uninstall", "enabled", "is_installed"]
 
@@ -19,6 +19,7 @@ def install(policy: PolicyLike = None) -> None:
     """
     resolved = load_policy(policy)
     patches.import_targets()  # outside the lock: importing may run the bootstrap's own patching
+    bootstrap.user_decided()
     with patches.lock:  # patched + policy set in one step, against a concurrent uninstall()
         patches.patch_all()
         state.set_installed_policy(resolved)
@@ -30,6 +31,7 @@ def uninstall() -> None:
     Thread-safe against concurrent :func:`install` calls: whichever runs last decides, and the
     process is then either fully patched with a policy, or fully unpatched.
     """
+    bootstrap.user_decided()  # a later first import of transformers.pipelines must not patch again
     with patches.lock:
         state.set_installed_policy(None)
         patches.unpatch_all()
