@@ -97,6 +97,36 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: 
     return make
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest, and steadiest on a busy 2-core machine, on one intra-op thread (no
+    OpenMP spin contention). Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def extra_pass(request: pytest.FixtureRequest) -> Iterator[object]:
+    """A test pass (``request.param``, a Pass class) registered through a plugin for one test;
+    use with ``@pytest.mark.parametrize("extra_pass", [PassClass], indirect=True)``."""
+    from transformers_fastpath import hookimpl, plugins
+
+    pass_ = request.param()
+
+    class Plugin:
+        @hookimpl
+        def fastpath_register_passes(self) -> list[object]:
+            return [pass_]
+
+    name = plugins.register(Plugin(), name=f"test-extra-{pass_.name}")
+    yield pass_
+    plugins.unregister(name)
+
+
 @pytest.fixture
 def clean_fastpath() -> Iterator[None]:
     """Leave transformers as the test found it, whatever the test installed or uninstalled: patched

@@ -32,12 +32,7 @@ PASS = "sdpa_backends"
 LOGGER = "transformers_fastpath.passes.sdpa_backends"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 def llama_config(**overrides) -> transformers.LlamaConfig:

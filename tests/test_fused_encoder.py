@@ -31,19 +31,13 @@ from transformers_fastpath.passes.fused_encoder.heuristic import (
 from transformers_fastpath.passes.fused_encoder.masks import MaskRejected, keep_mask
 
 ATOL = 1e-5
-pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning"),
+    pytest.mark.usefixtures("one_thread"),  # conftest: tiny models on one thread
+]
 HIDDEN, HEADS, LAYERS, FFN, VOCAB = 64, 4, 2, 128, 100
 LENGTHS = (9, 1, 5, 1, 7, 3)          # right-padded to 9; two rows of a single token
 SEQ = max(LENGTHS)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny models: one intra-op thread avoids OpenMP spin contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class StubPlan:

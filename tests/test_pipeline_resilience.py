@@ -25,7 +25,10 @@ from transformers_fastpath.pipeline_resilience import (
     resilience_of,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning"),
+    pytest.mark.usefixtures("one_thread"),  # conftest: tiny models on one thread
+]
 
 TEXTS = [
     "Hello world.",
@@ -40,14 +43,6 @@ TEXTS = [
     "Yet another input to classify today.",
     "Last.",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

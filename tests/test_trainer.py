@@ -768,20 +768,6 @@ class _EvalOnlyPass:
         model.__dict__.pop("_test_eval_only", None)
 
 
-@pytest.fixture
-def extra_pass(request: pytest.FixtureRequest) -> Any:
-    pass_ = request.param()
-
-    class Plugin:
-        @fp.hookimpl
-        def fastpath_register_passes(self) -> list[Any]:
-            return [pass_]
-
-    name = plugins.register(Plugin(), name=f"test-trainer-{pass_.name}")
-    yield pass_
-    plugins.unregister(name)
-
-
 @pytest.mark.parametrize("extra_pass", [_CloneParametersPass], indirect=True)
 def test_a_pass_that_replaces_parameters_is_reverted(extra_pass: Any, bert: nn.Module) -> None:
     before = [id(p) for p in bert.parameters()]

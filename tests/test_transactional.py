@@ -17,13 +17,15 @@ import torch
 from torch import nn
 
 import transformers_fastpath as fp
-from transformers_fastpath import plugins
 from transformers_fastpath.errors import PassSkipped, RollbackError, StrictModeError
 from transformers_fastpath.hardware import Hardware
 from transformers_fastpath.passes.fused_encoder import FusedEncoderPass, runtime_of
 from transformers_fastpath.passes.fused_encoder import runtime as fused_runtime
 
-pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning"),
+    pytest.mark.usefixtures("one_thread"),  # conftest: tiny models on one thread
+]
 
 CPU = Hardware(device="cpu", memory_gib=24, cpu_count=2)
 # Only the fused encoder (and test passes) run: sdpa_backends is skipped with eager attention.
@@ -32,14 +34,6 @@ HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backw
               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
               "_load_state_dict_post_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")
 RUNNER_ATTRS = {"_fastpath_plan", "_fastpath_applied"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def bert(head: str = "AutoModelForSequenceClassification", seed: int = 0) -> nn.Module:
@@ -230,20 +224,6 @@ class _InPlacePass(_FlakyPass):
 
 class _DeclaredInPlacePass(_InPlacePass):
     name, setting, mutates_weights = "test_declared_in_place", "test_declared_in_place", True
-
-
-@pytest.fixture
-def extra_pass(request: pytest.FixtureRequest) -> Any:
-    pass_ = request.param()
-
-    class Plugin:
-        @fp.hookimpl
-        def fastpath_register_passes(self) -> list[Any]:
-            return [pass_]
-
-    name = plugins.register(Plugin(), name=f"test-transactional-{pass_.name}")
-    yield pass_
-    plugins.unregister(name)
 
 
 @pytest.mark.parametrize("extra_pass", [_FlakyPass], indirect=True)
