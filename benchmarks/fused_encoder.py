@@ -70,21 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def draw_lengths(batch: int, length: int, fill: float, gen: torch.Generator) -> torch.Tensor:
-    """Lengths in [1, length], one row full, mean fill as close to ``fill`` as integers allow."""
-    if fill >= 1.0 or batch == 1:
-        return torch.full((batch,), length, dtype=torch.long)
-    target_rest = fill * length * batch - length          # tokens left for rows 1..B-1
-    raw = torch.rand(batch - 1, generator=gen) + 0.05
-    lens = raw / raw.sum() * max(target_rest, batch - 1)
-    for _ in range(50):                                     # redistribute what clamping cut off
-        lens = lens.clamp(1, length)
-        deficit = target_rest - float(lens.sum())
-        free = (lens < length).float()
-        if abs(deficit) < 0.5 or free.sum() == 0:
-            break
-        lens = lens + deficit * free / free.sum()
-    out = torch.cat([torch.tensor([length]), lens.round().clamp(1, length).long()])
-    return out[torch.randperm(batch, generator=gen)]
+    """Lengths in [1, length], one row full, mean fill as close to ``fill`` as integers allow
+    (the suite's rule, :func:`transformers_fastpath.bench.models.draw_lengths`, drawing from ``gen``)."""
+    from transformers_fastpath.bench.models import draw_lengths as suite_draw_lengths
+
+    return torch.tensor(suite_draw_lengths(batch, length, fill, generator=gen), dtype=torch.long)
 
 
 class Timer:

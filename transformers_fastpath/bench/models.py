@@ -217,14 +217,15 @@ def varied_sentences(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def draw_lengths(batch: int, length: int, fill: float, seed: int = 0) -> list[int]:
+def draw_lengths(batch: int, length: int, fill: float, seed: int = 0, generator: Any = None) -> list[int]:
     """Row lengths in [1, length], one row full, the mean fill as close to ``fill`` as integers allow.
 
-    The same rule as ``benchmarks/fused_encoder.py``.
+    Random draws come from ``generator`` when given (``benchmarks/fused_encoder.py`` shares one over
+    its shapes), else from a generator seeded with ``seed``.
     """
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     if fill >= 1.0 or batch == 1:
         return [length] * batch
     target_rest = fill * length * batch - length
