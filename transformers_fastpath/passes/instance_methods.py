@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["LAYERS_ATTR", "Around", "add_layer", "get_layer", "remove_layer"]
+__all__ = ["LAYERS_ATTR", "Around", "add_layer", "bind_call", "get_layer", "method_signature", "remove_layer"]
 
 LAYERS_ATTR = "_fastpath_method_layers"
 
@@ -132,7 +132,8 @@ def _dispatcher_for(cls: type, method: str) -> Callable[..., Any]:
 
 
 @functools.lru_cache(maxsize=256)
-def _method_signature(cls: type, method: str) -> inspect.Signature | None:
+def method_signature(cls: type, method: str) -> inspect.Signature | None:
+    """``inspect.signature(cls.method)``, cached per class (None when it has none)."""
     try:
         return inspect.signature(getattr(cls, method))
     except (TypeError, ValueError, AttributeError):
@@ -144,7 +145,7 @@ def bind_call(cls: type, method: str, args: tuple, kwargs: dict[str, Any]) -> di
 
     Falls back to the keyword arguments alone when the signature is unknown or does not bind.
     """
-    signature = _method_signature(cls, method)
+    signature = method_signature(cls, method)
     if signature is None or not args:
         return dict(kwargs)
     try:

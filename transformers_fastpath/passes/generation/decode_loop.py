@@ -20,10 +20,11 @@ model inputs, ``return_dict_in_generate`` -- goes to transformers' own loop
 from __future__ import annotations
 
 import copy
-import inspect
 import threading
 from collections.abc import Callable
 from typing import Any
+
+from ..instance_methods import method_signature
 
 __all__ = ["SYNC_EVERY", "DecodeLoop", "ineligible"]
 
@@ -88,10 +89,8 @@ def ineligible(model: Any, call: dict[str, Any]) -> str | None:
 
 
 def _forward_parameters(model: Any) -> frozenset[str]:
-    try:
-        return frozenset(inspect.signature(type(model).forward).parameters)
-    except (TypeError, ValueError):
-        return frozenset()
+    signature = method_signature(type(model), "forward")  # cached per class
+    return frozenset(signature.parameters) if signature is not None else frozenset()
 
 
 def _new_tokens(config: Any, prompt_len: int) -> int:
@@ -153,15 +152,16 @@ class DecodeLoop:
         total = prompt_len + new_tokens
         cache_len = max(cache_len, total)
         cache = self._static_cache(model, batch, cache_len)
-        cache_arg = "cache" if "cache" in _forward_parameters(model) else "past_key_values"
-        takes_positions = "position_ids" in _forward_parameters(model)
+        parameters = _forward_parameters(model)
+        cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        takes_positions = "position_ids" in parameters
 
         full_mask = torch.zeros(batch, cache_len, dtype=mask.dtype, device=device)
         full_mask[:, :prompt_len] = mask
         positions = mask.long().cumsum(-1) - 1
         positions = positions.masked_fill(mask == 0, 0)
         cache_positions = torch.arange(cache_len, device=device)
-        extra = {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
+        extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         if takes_positions:
             extra["position_ids"] = positions
         out = model(input_ids=ids, attention_mask=full_mask, cache_position=cache_positions[:prompt_len],
