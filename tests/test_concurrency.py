@@ -429,3 +429,49 @@ def test_env_install_from_two_import_hooks_sets_one_policy(monkeypatch: pytest.M
     for t in threads:
         t.join(60)
     assert len(seen) == 1 and fp.is_installed()
+
+
+def test_load_lock_plain_loads_share_fastpath_loads_run_alone() -> None:
+    """Plain loads overlap each other; a fastpath load waits for them and they wait for it; a thread
+    nesting either kind inside the other does not deadlock."""
+    import time
+
+    from transformers_fastpath.interception.load_lock import LoadLock
+
+    lock = LoadLock()
+    inside: list[str] = []
+    overlap: list[int] = []
+    violations: list[list[str]] = []
+    guard = threading.Lock()
+
+    def hold(kind: str, seconds: float) -> None:
+        with getattr(lock, kind)():
+            with guard:
+                inside.append(kind)
+                overlap.append(len(inside))
+                if "exclusive" in inside and len(inside) > 1:  # a fastpath load never shares the lock
+                    violations.append(list(inside))
+            time.sleep(seconds)
+            with guard:
+                inside.remove(kind)
+
+    threads = [threading.Thread(target=hold, args=(k, 0.2)) for k in ("shared", "shared", "exclusive", "shared")]
+    for t in threads:
+        t.start()
+        time.sleep(0.02)
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert not violations, violations
+    assert max(overlap) >= 2  # the two first plain loads ran together
+
+    done = threading.Event()
+
+    def nested() -> None:
+        with lock.shared(), lock.exclusive(), lock.shared(), lock.exclusive():
+            done.set()
+
+    t = threading.Thread(target=nested)
+    t.start()
+    t.join(10)
+    assert done.is_set()

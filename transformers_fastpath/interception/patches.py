@@ -7,9 +7,9 @@ loader ``load_model`` (so a ``pipeline`` name imported before patching still get
 With fastpath off for a call, each wrapper calls the original with exactly the caller's arguments.
 
 Thread safety: patching, unpatching and ``install()``/``uninstall()`` hold :data:`lock`; loads
-that fastpath handles run one at a time (:data:`load_lock`), because transformers builds models
-under process-wide state (the default dtype) that concurrent loads corrupt. Loads with fastpath
-off never take the lock (they race as they do without fastpath installed).
+that fastpath handles run alone and loads with fastpath off run alongside each other but not
+alongside those (:data:`load_lock`, :mod:`.load_lock`), because transformers builds models under
+process-wide state (the default dtype) that concurrent loads with different dtypes corrupt.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from types import ModuleType
 from typing import Any
 
 from . import state
+from .load_lock import LoadLock
 from .state import UNSET, LoadContext
 
 __all__ = ["patch_modeling", "patch_pipelines", "patch_all", "unpatch_all", "is_patched", "original", "is_wrapper",
@@ -37,12 +38,9 @@ logger = logging.getLogger("transformers_fastpath")
 # it and waiting for the same import would deadlock.
 lock = threading.RLock()
 _lock = lock
-# One from_pretrained at a time while patched (re-entrant for nested loads in one thread).
-# transformers' loading sets process-wide state, torch's default dtype above all
-# (``torch.set_default_dtype`` while the model is built): two threads loading at once with
-# different dtypes -- which per-thread fastpath policies make ordinary -- get models with mixed
-# float32/bfloat16 parameters, and the process can be left with the wrong default dtype.
-load_lock = threading.RLock()
+# Fastpath loads exclusive, plain loads shared (see load_lock.py): transformers builds models under
+# process-wide state (the default dtype) that concurrent loads with different dtypes corrupt.
+load_lock = LoadLock()
 # (owner object, attribute) -> the original object found there (exactly as found in __dict__).
 _originals: dict[tuple[int, str], tuple[Any, Any]] = {}
 # Set on every wrapper function, so a wrapper is never taken for an original and wrapped again.
@@ -135,9 +133,10 @@ def _make_from_pretrained(orig: Any) -> Any:
     def from_pretrained(cls: type, pretrained_model_name_or_path: Any, *args: Any, fastpath: Any = UNSET,
                         **kwargs: Any) -> Any:
         policy = state.policy_for_call(fastpath)
-        if policy is None or state.inside_load():  # plain loads never wait for the lock
-            return orig(cls, pretrained_model_name_or_path, *args, **kwargs)
-        with load_lock:
+        if policy is None or state.inside_load():  # plain loads run alongside each other, not a fastpath load
+            with load_lock.shared():
+                return orig(cls, pretrained_model_name_or_path, *args, **kwargs)
+        with load_lock.exclusive():
             return _fastpath_load(orig, cls, pretrained_model_name_or_path, args, kwargs, policy)
 
     return from_pretrained
