@@ -4,7 +4,8 @@ Modes (``--mode``, default ``replicas,sharded``):
 
 * ``replicas`` -- a BERT-base text-classification pipeline over 8,000 texts: ``placement =
   "single"`` (one GPU) vs ``placement = "replicate"`` (one replica per GPU, list split between
-  them, one thread each). Throughput (texts/s), the ratio, and whether labels agree.
+  them), timed turn about in one process. Throughput (texts/s), the ratio, each replica's time
+  on its shard alone, and whether labels agree.
 * ``sharded`` -- the 0.85B Llama shape forced not to fit one GPU's budget: ``memory_headroom``
   is set so one GPU's budget is 75 % of the weights, the policy then picks ``balanced`` and
   passes ``device_map="balanced"`` with ``max_memory``; the sharded model's logits and greedy
@@ -144,7 +145,7 @@ def bench_replicas(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import transformers
 
     import transformers_fastpath as fp
-    from transformers_fastpath.replicas import enable_replicas, replicas_of, split_contiguous
+    from transformers_fastpath.replicas import disable_replicas, enable_replicas, replicas_of, split_contiguous
 
     gpus = torch.cuda.device_count()
     if gpus < 2 and not args.tiny:
@@ -152,54 +153,52 @@ def bench_replicas(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     path = str(make_bert(args, tmp / "bert"))
     inputs = texts(args.texts)
     results: dict[str, Any] = {"texts": len(inputs), "batch_size": args.batch_size}
-    outputs = {}
+    pipes, plans = {}, {}
     for variant in ("single", "replicate"):
-        policy = {"defaults": {"placement": variant, "batch_size": args.batch_size, "encoder_fastpath": False}}
-        if args.tiny and variant == "replicate":
-            policy["defaults"]["placement"] = "single"
-        pipe = transformers.pipeline("text-classification", model=path, fastpath=policy)
-        plan = fp.plan_of(pipe)
-        if args.tiny and variant == "replicate":
-            enable_replicas(pipe, ["cpu", "cpu"], plan=plan, workers=args.workers)  # two CPU copies stand in
-        elif variant == "replicate" and args.workers != "auto":
-            from transformers_fastpath.replicas import disable_replicas
-
-            devices = [str(getattr(r, "device", "cuda:0")) for r in replicas_of(pipe)]
-            disable_replicas(pipe)
-            enable_replicas(pipe, devices, plan=plan, workers=args.workers)
+        placement = "single" if args.tiny else variant
+        policy = {"defaults": {"placement": placement, "batch_size": args.batch_size, "encoder_fastpath": False}}
+        pipes[variant] = pipe = transformers.pipeline("text-classification", model=path, fastpath=policy)
+        plans[variant] = plan = fp.plan_of(pipe)
         if plan is None:
             sys.exit("multi_gpu: pipeline(..., fastpath=...) was not intercepted: the .pth bootstrap is not "
                      "installed in this interpreter's site-packages (see benchmarks/gpu_env.sh)")
-        pipe(inputs)  # warm-up: a full pass (allocator, kernels, tokenizer caches on every replica)
-        times = []
-        for _ in range(args.repeats):
+    if args.tiny:  # two CPU copies stand in for two GPUs
+        enable_replicas(pipes["replicate"], ["cpu", "cpu"], plan=plans["replicate"], workers=args.workers)
+    elif args.workers != "auto":
+        devices = [str(getattr(r, "device", "cuda:0")) for r in replicas_of(pipes["replicate"])]
+        disable_replicas(pipes["replicate"])
+        enable_replicas(pipes["replicate"], devices, plan=plans["replicate"], workers=args.workers)
+    outputs = {variant: pipe(inputs) for variant, pipe in pipes.items()}  # warm-up: a full pass each
+    times: dict[str, list[float]] = {variant: [] for variant in pipes}
+    for _ in range(args.repeats):  # interleaved, so that a noisy host weighs on both alike
+        for variant, pipe in pipes.items():
             sync()
             start = time.perf_counter()
-            out = pipe(inputs)
+            pipe(inputs)
             sync()
-            times.append(time.perf_counter() - start)
-        median = statistics.median(times)
-        outputs[variant] = out
+            times[variant].append(time.perf_counter() - start)
+    for variant, pipe in pipes.items():
         alone = []  # each replica on its own shard, one after the other: where the time goes
-        for replica, shard in zip(replicas_of(pipe), split_contiguous(len(inputs), len(replicas_of(pipe)))):
+        replicas = replicas_of(pipe)
+        for replica, shard in zip(replicas, split_contiguous(len(inputs), len(replicas))):
             sync()
             start = time.perf_counter()
             replica([inputs[i] for i in shard])
             sync()
             alone.append({"replica": repr(replica)[:60], "inputs": len(shard), "seconds": time.perf_counter() - start})
-        results[variant] = {"placement": plan["placement"] if plan else None,
-                            "placement_reason": plan.settings["placement"].reason if plan else None,
-                            "replicas": len(replicas_of(pipe)) or 1, "workers": args.workers, "seconds": times, "each_replica_alone": alone,
-                            "texts_per_s": len(inputs) / median}
-        del pipe
+        plan = plans[variant]
+        results[variant] = {"placement": plan["placement"], "placement_reason": plan.settings["placement"].reason,
+                            "replicas": len(replicas) or 1, "workers": args.workers if replicas else None,
+                            "seconds": times[variant], "each_replica_alone": alone,
+                            "texts_per_s": len(inputs) / statistics.median(times[variant])}
     results["throughput_ratio"] = results["replicate"]["texts_per_s"] / results["single"]["texts_per_s"]
     same = [a["label"] == b["label"] for a, b in zip(outputs["single"], outputs["replicate"])]
     results["labels_agree"] = sum(same) / len(same)
     results["max_score_diff"] = max(abs(a["score"] - b["score"]) for a, b in zip(outputs["single"], outputs["replicate"]))
+    for pipe in pipes.values():
+        disable_replicas(pipe)
     return results
 
-
-# -- sharded ----------------------------------------------------------------------------------------
 
 def bench_sharded(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM

@@ -260,7 +260,11 @@ def test_replicas_keep_order_and_results(classifier_reference) -> None:
         replica.model.register_forward_hook(
             lambda *_, i=i: threads[i].add(threading.current_thread().name))
     assert _labels(pipe(TEXTS)) == reference
-    assert threads[0] and threads[1] and not threads[0] & threads[1]  # both replicas ran, in their own threads
+    assert _labels(pipe(TEXTS)) == reference
+    # The first shard runs on the caller's thread, the second on one long-lived thread (torch keeps
+    # per-thread GPU state: a fresh thread per call would rebuild it every time).
+    assert threads[0] == {threading.current_thread().name}
+    assert len(threads[1]) == 1 and not threads[0] & threads[1]
     assert _labels([pipe(TEXTS[3])[0]]) == reference[3:4]  # one input: the first replica
     disable_replicas(pipe)
     assert type(pipe) is cls and not replicas_of(pipe)
