@@ -400,3 +400,46 @@ def test_layers_stack_remove_in_any_order_and_restore_a_previous_override() -> N
     assert thing.run(4) == ["hooked"]
     with pytest.raises(ValueError, match="has no method"):
         add_layer(thing, "missing", "a", layer("a"))
+
+
+def _replicate_like_data_parallel(network: torch.nn.Module) -> torch.nn.Module:
+    """What ``torch.nn.parallel.replicate`` does for one device, on CPU: each module's
+    ``_replicate_for_data_parallel()``, children rewired, parameters and buffers copied."""
+    modules = list(network.modules())
+    copies = [module._replicate_for_data_parallel() for module in modules]
+    index = {id(module): i for i, module in enumerate(modules)}
+    for module, replica in zip(modules, copies):
+        for key, child in module._modules.items():
+            replica._modules[key] = None if child is None else copies[index[id(child)]]
+        for key, param in module._parameters.items():
+            replica._parameters[key] = None if param is None else param.detach().clone()
+        for key, buffer in module._buffers.items():
+            replica._buffers[key] = None if buffer is None else buffer.clone()
+    return copies[0]
+
+
+def test_layers_follow_data_parallel_replicas(tiny_model_factory) -> None:
+    """DataParallel (the Trainer on several GPUs without torchrun) copies __dict__ into each replica:
+    the override must run the replica, not the original on GPU 0 (it crashed with a device mismatch)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_factory("bert", "seq-cls")).eval()
+    seen: list[int] = []
+
+    def around(module, inner, *args, **kwargs):
+        seen.append(id(module))
+        return inner(*args, **kwargs)
+
+    ids = torch.tensor([[2, 5, 7, 9, 3]])
+    reference = model(input_ids=ids).logits
+    add_layer(model, "forward", "test", around)
+    replica = _replicate_like_data_parallel(model)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()  # the original changes: a replica still bound to it would change too
+    assert torch.allclose(replica(input_ids=ids).logits, reference, atol=1e-6)  # (no grad: other kernels)
+    assert seen == [id(replica)]
+    assert not torch.allclose(model(input_ids=ids).logits, reference, atol=1e-3) and seen[-1] == id(model)
+    assert get_layer(replica, "forward", "test") is around
+    remove_layer(model, "forward", "test")
+    assert "_replicate_for_data_parallel" not in vars(model) and "forward" not in vars(model)

@@ -16,6 +16,10 @@ layer can be removed in any order.
 
 The dispatcher is bound with :class:`types.MethodType`, and the layers live in a dict on the
 model, so ``copy.deepcopy(model)`` gives a copy whose overrides call the copy, not the original.
+``torch.nn.DataParallel`` copies a module's ``__dict__`` shallowly into each GPU's replica (as
+the Trainer does on a machine with several GPUs and no torchrun), which would leave each
+replica's override bound to the original on GPU 0; so a module with layers also gets an
+instance ``_replicate_for_data_parallel`` that rebinds them to the replica.
 ``inspect.signature(model.forward)`` still shows the original parameters (``generate`` inspects
 ``forward``'s signature to decide which inputs to pass).
 """
@@ -30,9 +34,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["LAYERS_ATTR", "Around", "add_layer", "bind_call", "get_layer", "method_signature", "remove_layer"]
+__all__ = ["LAYERS_ATTR", "REPLICATE_ATTR", "Around", "add_layer", "bind_call", "get_layer", "method_signature", "remove_layer"]
 
 LAYERS_ATTR = "_fastpath_method_layers"
+REPLICATE_ATTR = "_replicate_for_data_parallel"  # torch.nn.Module's hook for DataParallel replicas
 
 Around = Callable[..., Any]
 """``around(model, inner, *args, **kwargs) -> result``; call ``inner(*args, **kwargs)`` to go on."""
@@ -69,6 +74,8 @@ def add_layer(model: Any, method: str, owner: str, around: Around) -> None:
         dispatcher = types.MethodType(_dispatcher_for(type(model), method), model)
         stack = stacks[method] = _Stack(previous, dispatcher)
         model.__dict__[method] = dispatcher
+        if callable(getattr(type(model), REPLICATE_ATTR, None)) and REPLICATE_ATTR not in model.__dict__:
+            model.__dict__[REPLICATE_ATTR] = types.MethodType(_replicate_with_layers, model)
     if any(name == owner for name, _ in stack.layers):
         raise ValueError(f"{owner!r} already overrides {method!r} on this model; remove its layer first")
     stack.layers.append((owner, around))
@@ -96,7 +103,27 @@ def remove_layer(model: Any, method: str, owner: str) -> bool:
         del stacks[method]
         if not stacks:
             del model.__dict__[LAYERS_ATTR]
+            replicate = model.__dict__.get(REPLICATE_ATTR)
+            if getattr(replicate, "__func__", None) is _replicate_with_layers:
+                del model.__dict__[REPLICATE_ATTR]
     return removed
+
+
+def _replicate_with_layers(self: Any) -> Any:
+    """``torch.nn.Module._replicate_for_data_parallel`` with this module's layers bound to the replica."""
+    replica = type(self)._replicate_for_data_parallel(self)  # __dict__ copied: still bound to self
+    del replica.__dict__[REPLICATE_ATTR]  # a replica is never replicated again
+    stacks: dict[str, _Stack] = {}
+    for method, stack in self.__dict__.get(LAYERS_ATTR, {}).items():
+        dispatcher = types.MethodType(stack.dispatcher.__func__, replica)
+        if _is_ours(replica.__dict__.get(method), stack):
+            replica.__dict__[method] = dispatcher
+        stacks[method] = _Stack(stack.previous, dispatcher, list(stack.layers))
+    replica.__dict__[LAYERS_ATTR] = stacks
+    return replica
+
+
+_replicate_with_layers.__name__ = REPLICATE_ATTR  # a pickled bound method is found again by this name
 
 
 def get_layer(model: Any, method: str, owner: str) -> Around | None:
