@@ -52,12 +52,12 @@ def _fmt(value: float | None) -> str:
 
 def summary_table(reports: list[dict[str, Any]]) -> list[str]:
     """One row per result and case: fastpath vs default, vs expert, the check, the date."""
-    from transformers_fastpath.bench.report import status
+    from transformers_fastpath.bench.report import device_label, status
 
     lines = ["| workload | case | device | fastpath vs default | fastpath vs expert | check | date |",
              "|---|---|---|---|---|---|---|"]
     for report in reports:
-        device = (report.get("device") or {}).get("name", "?")
+        device = device_label(report)
         date = str(report.get("date", "?"))[:10]
         if report.get("skipped") or not report.get("cases"):
             lines.append(f"| {report['workload']} | - | {device} | - | - | {status(report)} | {date} |")
@@ -66,6 +66,8 @@ def summary_table(reports: list[dict[str, Any]]) -> list[str]:
             fast = case["variants"].get("fastpath") or {}
             check = (case.get("check") or {}).get("passed")
             verdict = "pass" if check else "n/a" if check is None else "FAIL"
+            if report.get("failed"):  # a variant that did not run has no check to pass
+                verdict = "FAIL: " + ", ".join(sorted(report["failed"])) + " did not run"
             lines.append(f"| {report['workload']} | {case['case']} | {device} | {_fmt(fast.get('speedup_vs_default'))} "
                          f"| {_fmt(fast.get('speedup_vs_expert'))} | {verdict} | {date} |")
     return lines

@@ -227,7 +227,7 @@ def _md_escape(text: str) -> str:
 
 def to_markdown(report: dict[str, Any], *, heading: str = "###", chart: str | None = None) -> str:
     """The report as markdown: heading, environment, one table per case, variant meanings, chart link."""
-    device = (report.get("device") or {}).get("name", "?")
+    device = device_label(report)
     lines = [f"{heading} {report['workload']} on {device}", "", report.get("description", ""), "",
              f"- Environment: {environment_line(report)}"]
     if report.get("skipped"):
@@ -293,7 +293,7 @@ def draw_chart(report: dict[str, Any], path: str | Path) -> Path | None:
         return None
     width = max(5.0, 3.6 * len(cases))
     fig = _figure(width, 5.6)
-    device = (report.get("device") or {}).get("name", "?")
+    device = device_label(report)
     subtitle = "\n".join(textwrap.wrap(environment_line(report), int(width * 16)))
     fig.suptitle(f"{report['workload']} on {device}\n{subtitle}", fontsize=7)
     for index, case in enumerate(cases):
@@ -321,13 +321,21 @@ def draw_chart(report: dict[str, Any], path: str | Path) -> Path | None:
     return _save(fig, path)
 
 
+def device_label(report: dict[str, Any]) -> str:
+    """The report's device by name, with the count when it had several (``2x NVIDIA H100 80GB HBM3``)."""
+    device = report.get("device") or {}
+    name = str(device.get("name", "?"))
+    count = device.get("count") or 1
+    return f"{count}x {name}" if count > 1 else name
+
+
 def headline_rows(reports: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per workload case that has a fastpath result: its speed-ups vs default and vs expert."""
     rows = []
     for report in reports:
         if report.get("skipped") or not report.get("cases"):
             continue
-        device = (report.get("device") or {}).get("name", "?")
+        device = device_label(report)
         for case in report["cases"]:
             fast = case["variants"].get("fastpath")
             if not fast:
