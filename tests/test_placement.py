@@ -336,12 +336,15 @@ def test_replicas_in_worker_processes(classifier_reference, monkeypatch: pytest.
     path, reference = classifier_reference
     two = Hardware(device="cpu", count=2, memory_gib=32, cpu_count=2)
     monkeypatch.setattr(Hardware, "detect", classmethod(lambda cls: two))
-    pipe = transformers.pipeline("text-classification", model=str(path), batch_size=4,
+    pipe = transformers.pipeline("text-classification", model=str(path), batch_size=4, use_fast=True,
+                                 model_kwargs={"output_hidden_states": False, "device_map": None},
                                  fastpath={"defaults": {"placement": "single"}})
     plan = fp.plan_of(pipe)
     recipe = recipe_for(pipe, plan)
     assert not isinstance(recipe, str), recipe
     assert recipe.call["model"] == str(path) and recipe.call["batch_size"] == 4
+    # The caller's load arguments travel; placement ones do not (the worker's device is its own).
+    assert recipe.call["use_fast"] is True and recipe.call["model_kwargs"] == {"output_hidden_states": False}
     assert recipe.policy["defaults"]["placement"] == "single"
     assert recipe.policy["defaults"]["length_bucketing"] == plan["length_bucketing"]
 

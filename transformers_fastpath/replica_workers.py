@@ -4,8 +4,10 @@ A text pipeline spends most of its time in Python -- tokenizing, collating and p
 one input at a time -- so replicas in threads of one process share one GIL and do not scale
 (0.60x on two H100s for a BERT-base classifier). A :class:`WorkerReplica` instead runs its
 shard in a spawned process that rebuilds the same pipeline on its own device: the same task,
-checkpoint, tokenizer and batch size, and the parent's plan pinned as an explicit policy
-(every setting as resolved, placement ``single``), so the worker makes the parent's decisions.
+checkpoint (at the commit the parent loaded, for a Hub id), tokenizer, batch size and load
+arguments (``revision``, ``trust_remote_code``, ``model_kwargs``...), and the parent's plan pinned
+as an explicit policy (every setting as resolved, placement ``single``), so the worker makes the
+parent's decisions.
 
 The recipe needs a checkpoint the worker can load (a local directory or a Hub id, as
 ``model.name_or_path``) and picklable pipeline parameters; :func:`recipe_for` says why when
@@ -32,7 +34,7 @@ from typing import Any
 
 from .plan import Plan
 
-__all__ = ["PipelineRecipe", "WorkerReplica", "WorkerUnavailable", "recipe_for"]
+__all__ = ["PipelineRecipe", "WorkerReplica", "WorkerUnavailable", "recipe_for", "remember_load_call"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,28 @@ class PipelineRecipe:
 
     call: dict[str, Any]
     policy: dict[str, Any]
+
+
+_LOAD_CALL_ATTR = "_fastpath_load_call"
+# pipeline() arguments a worker needs to load the same model and tokenizer. Placement and dtype
+# are not among them: the pinned policy decides those, and the worker's device is its own.
+_REBUILD_ARGS = ("config", "revision", "use_fast", "token", "trust_remote_code", "model_kwargs")
+_PLACEMENT_MODEL_KWARGS = ("device_map", "max_memory", "tp_plan", "tp_size", "distributed_config", "dtype",
+                           "torch_dtype", "quantization_config", "offload_folder")
+
+
+def remember_load_call(pipeline: Any, call: dict[str, Any]) -> None:
+    """Keep the ``pipeline()`` arguments a worker needs to rebuild ``pipeline`` (revision, remote
+    code, model_kwargs...) on it; called by fastpath's ``pipeline()`` wrapper."""
+    kept = {key: call[key] for key in _REBUILD_ARGS if call.get(key) is not None}
+    if not isinstance(kept.get("config"), str):
+        kept.pop("config", None)  # a config object: the checkpoint's own is loaded instead
+    if "model_kwargs" in kept:
+        kept["model_kwargs"] = {k: v for k, v in kept["model_kwargs"].items() if k not in _PLACEMENT_MODEL_KWARGS}
+    try:
+        pipeline.__dict__[_LOAD_CALL_ATTR] = kept
+    except AttributeError:  # a pipeline class with __slots__: workers load with defaults
+        pass
 
 
 def recipe_for(pipeline: Any, plan: Plan | None) -> PipelineRecipe | str:
@@ -57,8 +81,11 @@ def recipe_for(pipeline: Any, plan: Plan | None) -> PipelineRecipe | str:
         return f"the model's name_or_path {source!r} is neither a directory nor a Hub id"
     if getattr(model, "peft_config", None) or getattr(model, "_hf_peft_config_loaded", False):
         return "the model carries PEFT adapters that its checkpoint does not"
-    call: dict[str, Any] = {"task": getattr(pipeline, "task", None), "model": source,
-                            "batch_size": getattr(pipeline, "_batch_size", None)}
+    call: dict[str, Any] = dict(getattr(pipeline, _LOAD_CALL_ATTR, None) or {})
+    call.update(task=getattr(pipeline, "task", None), model=source, batch_size=getattr(pipeline, "_batch_size", None))
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    if commit and not os.path.isdir(source):
+        call["revision"] = commit  # the very snapshot the parent loaded, not whatever main is now
     tokenizer = getattr(pipeline, "tokenizer", None)
     if tokenizer is not None:
         call["tokenizer"] = getattr(tokenizer, "name_or_path", None) or source

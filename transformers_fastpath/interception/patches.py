@@ -287,6 +287,9 @@ def _fastpath_pipeline(orig: Any, call: dict[str, Any], policy: Any) -> Any:
         pipe = orig(**call)
     final = plan_of(pipe.model) or plan
     if final is not None:
+        from ..replica_workers import remember_load_call
+
+        remember_load_call(pipe, call)
         final = final.with_task(getattr(pipe, "task", task))
         get_plugin_manager().hook.fastpath_pipeline_created(plan=final, pipeline=pipe)
     return pipe
