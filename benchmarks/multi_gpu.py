@@ -10,6 +10,8 @@ Modes (``--mode``, default ``replicas,sharded``):
   is set so one GPU's budget is 75 % of the weights, the policy then picks ``balanced`` and
   passes ``device_map="balanced"`` with ``max_memory``; the sharded model's logits and greedy
   tokens are compared with the single-GPU model's.
+  With ``--quantization bnb-nf4`` (say), the policy sets that method and ``placement =
+  "balanced"``: quantized weights sharded over the GPUs, compared with the same method on one.
 * ``tp`` -- generate latency of the 0.85B Llama at batch 1 and 16 (prompt 128, 128 new tokens).
   Run it twice: plainly (one GPU, the baseline) and under ``torchrun --nproc-per-node 2`` (the
   policy's ``placement = auto`` picks tensor parallel); rank 0 writes the JSON.
@@ -65,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed runs (default 3; tiny 1)")
     p.add_argument("--workers", default="auto", choices=("auto", "processes", "threads"),
                    help="replicas mode: worker processes or threads for the extra replicas (default auto)")
+    p.add_argument("--quantization", default=None,
+                   help="sharded mode: shard this method's weights (e.g. bnb-nf4) and compare with it on one GPU")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory for BERT (default: the bundled MiniLM's)")
     p.add_argument("--out", default=None, help="write the JSON report here (rank 0 under torchrun)")
     args = p.parse_args(argv)
@@ -212,10 +216,17 @@ def bench_sharded(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     gpus = torch.cuda.device_count()
     weights = ModelInfo.from_pretrained(path).num_params * 2  # bf16 bytes (counted on the meta device)
     mem = (torch.cuda.get_device_properties(0).total_memory if gpus else 80 * 2**30)
-    headroom = 1.0 - 0.75 * weights / mem  # one GPU's budget = 75 % of the weights: must shard over two
-    policy = {"defaults": {"memory_headroom": round(headroom, 6), "dtype": "bfloat16", "compile": False,
-                           "static_cache": False}}
-    result: dict[str, Any] = {"weights_bytes": weights, "memory_headroom": headroom}
+    base = {"dtype": "bfloat16", "compile": False, "static_cache": False}
+    if args.quantization:  # quantized weights sharded over the GPUs vs the same method on one GPU
+        policy = {"defaults": {**base, "quantization": args.quantization, "placement": "balanced"}}
+        reference_policy: dict[str, Any] | None = {"defaults": {**base, "quantization": args.quantization,
+                                                                "placement": "single"}}
+        result: dict[str, Any] = {"weights_bytes_bf16": weights, "quantization": args.quantization}
+    else:  # one GPU's budget = 75 % of the weights: the auto placement must shard over two
+        headroom = 1.0 - 0.75 * weights / mem
+        policy = {"defaults": {**base, "memory_headroom": round(headroom, 6)}}
+        reference_policy = None  # plain transformers on one GPU
+        result = {"weights_bytes": weights, "memory_headroom": headroom}
     if gpus < 2:
         plan = resolve(str(path), task="text-generation", policy=policy,
                        hardware=Hardware(device="cuda", count=2, memory_gib=mem / 2**30, capability=(9, 0)))
@@ -225,7 +236,11 @@ def bench_sharded(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         return result
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 32000 if not args.tiny else 1000, (4, args.prompt_len), generator=gen)
-    single = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda:0").eval()
+    if reference_policy is None:
+        single = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda:0").eval()
+    else:
+        with fp.enabled(reference_policy):
+            single = AutoModelForCausalLM.from_pretrained(path).eval()
     with torch.inference_mode():
         ref_logits = single(ids.to("cuda:0")).logits.float().cpu()
         ref_tokens = single.generate(ids.to("cuda:0"), max_new_tokens=16, do_sample=False, pad_token_id=0).cpu()
@@ -247,8 +262,11 @@ def bench_sharded(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             times.append(time.perf_counter() - start)
     result.update(
         placement=plan["placement"], placement_reason=plan.settings["placement"].reason,
+        quantization_setting=plan["quantization"],
+        passes={p.name: p.status for p in plan.passes},
         load_kwargs={k: str(v) for k, v in plan.load_kwargs.items()},
         devices=sorted({str(d) for d in getattr(sharded, "hf_device_map", {}).values()}),
+        memory_per_gpu_bytes=[torch.cuda.memory_allocated(i) for i in range(gpus)],
         max_abs_logit_diff=float((logits - ref_logits).abs().max()),
         tokens_equal=bool(torch.equal(tokens, ref_tokens)),
         forward_seconds=times,

@@ -1,0 +1,90 @@
+"""Multi-GPU checks that CPUs cannot make; each skips cleanly without the GPUs it needs.
+
+Run them on a GPU machine (``source benchmarks/gpu_env.sh; python -m pytest -q tests/test_gpu.py``):
+replicas in worker processes on two GPUs, quantized weights sharded over two GPUs, and a Trainer
+step under ``torch.nn.DataParallel`` (what the Trainer does on several GPUs without torchrun).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import transformers_fastpath as fp
+
+pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+TEXTS = [f"text number {i} " + "more words " * (i % 7) for i in range(37)]
+
+
+def _labels(results: list[dict]) -> list[tuple[str, float]]:
+    return [(r["label"], round(r["score"], 3)) for r in results]
+
+
+def test_replicas_on_two_gpus_match_one_gpu(tiny_model_factory) -> None:
+    import transformers
+
+    from transformers_fastpath.replica_workers import WorkerReplica
+    from transformers_fastpath.replicas import replicas_of
+
+    path = str(tiny_model_factory("bert", "seq-cls"))
+    single = transformers.pipeline("text-classification", model=path,
+                                   fastpath={"defaults": {"placement": "single", "dtype": "float32"}})
+    pipe = transformers.pipeline("text-classification", model=path,
+                                 fastpath={"defaults": {"placement": "replicate", "dtype": "float32"}})
+    replicas = replicas_of(pipe)
+    assert len(replicas) == 2 and isinstance(replicas[1], WorkerReplica), replicas
+    assert replicas[1].wait_ready(timeout=300) == "cuda:1"
+    seen: list[str] = []
+    pipe.model.register_forward_hook(lambda *_: seen.append(threading.current_thread().name))
+    assert _labels(pipe(TEXTS)) == _labels(single(TEXTS))
+    assert seen and set(seen) == {threading.current_thread().name}  # the first shard ran on this thread
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_nf4_sharded_over_two_gpus_matches_one_gpu(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # big enough that a balanced device map has layers for both GPUs
+    config = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    base = {"quantization": "bnb-nf4", "dtype": "bfloat16", "compile": False, "static_cache": False}
+    ids = torch.randint(3, 1024, (2, 24), generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for placement in ("single", "balanced"):
+        with fp.enabled({"defaults": {**base, "placement": placement}}):
+            model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        plan = fp.plan_of(model)
+        assert plan["placement"] == placement and plan["quantization"] == "bnb-nf4", str(plan)
+        assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+        assert plan.pass_status("sdpa_backends").status == "applied", str(plan)
+        devices = {str(d) for d in (getattr(model, "hf_device_map", None) or {"": 0}).values()}
+        if placement == "balanced":
+            assert devices == {"0", "1"}, model.hf_device_map
+        with torch.inference_mode():
+            outputs[placement] = model(ids.to(model.device)).logits.float().cpu()
+        del model
+        torch.cuda.empty_cache()
+    torch.testing.assert_close(outputs["balanced"], outputs["single"], atol=2e-2, rtol=2e-2)
+
+
+def test_trainer_under_data_parallel_with_fastpath(tiny_model_factory, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_factory("bert", "seq-cls"))
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(3, 100, (16,), generator=gen), "attention_mask": torch.ones(16, dtype=torch.long),
+             "labels": torch.tensor(i % 2)} for i in range(32)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[],
+                             save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[fp.FastpathCallback()])
+    assert trainer.args.n_gpu >= 2  # the Trainer wraps the model in DataParallel
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert fp.plan_of(trainer.model) is not None
