@@ -12,7 +12,9 @@ padded batch can be packed once for all layers. Otherwise (ViT, DeiT) each layer
 Run-time failures: when the fused computation raises (a native-op error, NotImplementedError,
 out of memory, a bug of ours), the original forward runs on the same input. If it raises too,
 its exception propagates unchanged (a bad input, or memory that is short for both) and the
-conversion stays. If it succeeds, the call returns its result and the conversion undoes itself
+conversion stays. After an out-of-memory error the conversion stays in any case (the next,
+smaller batch may fit). Otherwise, if the original succeeds, the call returns its result and the
+conversion undoes itself
 on the whole model (:meth:`FusedRuntime.fail`): logged once, the plan shows the pass as failed,
 and every later call runs the original forward; strict mode raises instead. The call's result
 is then the unconverted model's, bit for bit, for encoder-level conversions (all layers are one
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -44,6 +47,7 @@ __all__ = ["RUNTIME_ATTR", "FusedForward", "FusedRuntime", "remove_all", "runtim
 logger = logging.getLogger(__name__)
 
 RUNTIME_ATTR = "_fastpath_fused_encoder"
+_FAIL_LOCK = threading.Lock()  # module-level: a lock attribute would stop deepcopy/pickle of the model
 
 RouteChoice = Literal["auto", "dense", "nested", "packed"]
 
@@ -115,10 +119,11 @@ class FusedRuntime:
     def fail(self, exc: BaseException) -> None:
         """The fused route raised where the original forward did not: undo the conversion on the
         model, record it in the plan, log once (strict mode: raise instead)."""
-        if self.failed is not None:  # another thread got here first
-            return
         lines = str(exc).strip().splitlines()
-        self.failed = f"failed at run time: {type(exc).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+        with _FAIL_LOCK:  # two threads failing at once: one of them undoes the conversion
+            if self.failed is not None:
+                return
+            self.failed = f"failed at run time: {type(exc).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
         model = self.root if self.root is not None else self.owner
         remove_all(model)
         from ..runner import PLAN_ATTR, _label, record_run_time_failure
@@ -213,9 +218,15 @@ class FusedForward:
         The original forward runs on the same input. If it raises too, the input (or the memory
         left) is the problem, not the conversion: its exception propagates unchanged and the
         conversion stays. If it succeeds, the conversion is at fault: it is undone on the model
-        (:meth:`FusedRuntime.fail`), and this call returns the original forward's result.
+        (:meth:`FusedRuntime.fail`), and this call returns the original forward's result -- except
+        after an out-of-memory error, which may be this batch's alone: the conversion stays.
         """
         runtime = self.runtime
+        if isinstance(failure, torch.OutOfMemoryError):
+            # Memory short for this batch only, maybe: the original runs this call (or raises its
+            # own OOM, which a pipeline answers by splitting the batch), the conversion stays.
+            runtime.stats["original: fused route out of memory"] += 1
+            return self.original(*args, **kwargs)
         runtime.stats[f"original: fused route failed: {type(failure).__name__}"] += 1
         result = self.original(*args, **kwargs)
         runtime.fail(failure)
