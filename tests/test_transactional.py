@@ -282,6 +282,18 @@ def test_declared_in_place_write_is_restored_bit_for_bit(extra_pass: Any) -> Non
     assert fp.plan_of(model).pass_status("test_declared_in_place").status == "failed"
 
 
+@pytest.mark.parametrize("extra_pass", [_DeclaredInPlacePass], indirect=True)
+def test_strict_rollback_after_a_declared_in_place_write(extra_pass: Any) -> None:
+    """The failing pass's value copy restores the weights (bumping their version counters); the
+    earlier passes' rollback must not take that for a lost in-place write (RollbackError)."""
+    model = bert()
+    before = fingerprint(model)
+    with pytest.raises(StrictModeError, match="in-place pass gave up"):
+        fp.apply(model, {"defaults": {**ONLY_FUSED, "strict": True}}, hardware=CPU)
+    assert_same_model(model, before)
+    assert no_overrides(model) and fp.plan_of(model) is None
+
+
 # -- the fused kernel fails on the first batch ---------------------------------------------------
 
 def _broken_route(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> list[int]:

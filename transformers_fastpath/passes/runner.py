@@ -106,6 +106,14 @@ def apply_plan(model: nn.Module, plan: Plan) -> Plan:
     applied = list(previous_applied)
     verifier = _Verifier(model, label) if plan.get("verify") is True else None
     done: list[tuple[Pass, ModelSnapshot]] = []  # this call's applied passes (kept in strict mode only)
+    # Strict mode undoes the whole plan. A declared in-place pass's value copy restores weights by
+    # writing them (new version counters), which the by-reference snapshots of the passes before
+    # it would take for a lost write: one value copy of the model, taken before the first pass,
+    # restores those weights at the end of a strict rollback instead.
+    whole_plan = (ModelSnapshot(model, copy_values=True, exclude=_RUNNER_ATTRS)
+                  if plan.strict and any(getattr(registry.get(s.name), "mutates_weights", False)
+                                         for s in plan.passes if s.status == "planned" and s.name not in applied)
+                  else None)
     for status in plan.passes:
         if status.status != "planned" or status.name in applied:
             continue
@@ -163,7 +171,13 @@ def apply_plan(model: nn.Module, plan: Plan) -> Plan:
             verifier.note_rollback(pass_.name)
         if plan.strict:
             for earlier, earlier_snapshot in reversed(done):
-                _restore(earlier, model, earlier_snapshot)
+                try:
+                    _restore(earlier, model, earlier_snapshot)
+                except RollbackError:
+                    if whole_plan is None:
+                        raise
+            if whole_plan is not None:
+                whole_plan.restore()
             _attach(model, previous_plan, previous_applied)
             if not isinstance(failure, Exception) or isinstance(failure, StrictModeError):
                 raise failure
