@@ -495,3 +495,67 @@ def test_verify_compare_tolerances() -> None:
     half = ref.to(torch.bfloat16)
     assert compare({"x": half}, {"x": (ref + 1e-2).to(torch.bfloat16)}, None)[0]
     assert not compare({"x": ref}, {"y": ref}, None)[0]
+
+
+# -- re-applying passes after a save ------------------------------------------------------------------
+
+class _BufferPass:
+    """Changes the state_dict (adds a buffer); fails when applied again if ``fail_on_reapply``."""
+
+    name = setting = "test_buffer_a"
+    changes_state_dict, fail_on_reapply = True, True
+
+    def __init__(self) -> None:
+        self.applied = 0
+
+    def supports(self, info: Any, plan: Any) -> str | None:
+        return None
+
+    def apply(self, model: nn.Module, plan: Any) -> None:
+        self.applied += 1
+        if self.fail_on_reapply and self.applied > 1:
+            raise RuntimeError(f"{self.name} cannot be applied twice")
+        model.register_buffer(self.name, torch.zeros(1))
+
+    def revert(self, model: nn.Module) -> None:
+        model._buffers.pop(self.name, None)
+
+
+class _SteadyBufferPass(_BufferPass):
+    name = setting = "test_buffer_b"
+    fail_on_reapply = False
+
+
+@pytest.fixture
+def two_buffer_passes() -> Any:
+    from transformers_fastpath import hookimpl, plugins
+
+    passes = [_BufferPass(), _SteadyBufferPass()]
+
+    class Plugin:
+        @hookimpl
+        def fastpath_register_passes(self) -> list[object]:
+            return passes
+
+    name = plugins.register(Plugin(), name="test-two-buffer-passes")
+    yield passes
+    plugins.unregister(name)
+
+
+def test_strict_reapply_failure_after_a_save_reapplies_the_others(two_buffer_passes: Any, tmp_path: Any) -> None:
+    """The first pass cannot be re-applied after the save: strict mode raises, but only after the
+    other pass is back; no pass is left reverted while listed as applied."""
+    from transformers_fastpath.passes.runner import APPLIED_ATTR, canonical_for_save
+
+    model = bert()
+    fp.apply(model, {"defaults": {**ONLY_FUSED, "encoder_fastpath": False, "strict": True}}, hardware=CPU)
+    assert {"test_buffer_a", "test_buffer_b"} <= set(getattr(model, APPLIED_ATTR))
+    with pytest.raises(StrictModeError, match="test_buffer_a.*cannot be applied twice"):
+        with canonical_for_save(model, str(tmp_path)):
+            assert not {"test_buffer_a", "test_buffer_b"} & set(dict(model.named_buffers()))  # canonical
+    buffers = dict(model.named_buffers())
+    applied = set(getattr(model, APPLIED_ATTR))
+    assert "test_buffer_b" in buffers and "test_buffer_b" in applied
+    assert "test_buffer_a" not in buffers and "test_buffer_a" not in applied
+    plan = fp.plan_of(model)
+    assert plan.pass_status("test_buffer_a").status == "failed" and plan.pass_status("test_buffer_b").status == "applied"

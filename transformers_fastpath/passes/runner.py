@@ -285,9 +285,15 @@ def _exit_canonical(model: nn.Module) -> None:
     try:  # the depth stays 1 while re-applying, so a state_dict() inside apply() reverts nothing
         registry = _passes_by_name()
         plan: Plan | None = getattr(model, PLAN_ATTR, None)
+        first_error: StrictModeError | None = None
         for name in reversed(getattr(model, _REVERTED_ATTR, ())):
             if name in registry:
-                _reapply(registry[name], model, plan)
+                try:
+                    _reapply(registry[name], model, plan)
+                except StrictModeError as exc:  # recorded as failed; the others still come back first
+                    first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
     finally:
         object.__setattr__(model, _REVERTED_ATTR, [])
         object.__setattr__(model, _CANONICAL_DEPTH_ATTR, 0)
