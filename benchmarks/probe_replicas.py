@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from multi_gpu import texts  # noqa: E402
+from multi_gpu import texts
 
 
 def timed_in_worker(inputs: list[str]) -> dict:
@@ -54,7 +54,7 @@ def replicated(args: argparse.Namespace, inputs: list[str]) -> dict:
         from transformers_fastpath.replicas import enable_replicas
 
         enable_replicas(multi, ["cpu", "cpu"], plan=fp.plan_of(multi), workers="processes")
-        sync = lambda: None  # noqa: E731
+        sync = lambda: None
     replicas = replicas_of(multi)
     out: dict = {"replicas": [repr(r)[:50] for r in replicas], "parent_affinity": len(os.sched_getaffinity(0)),
                  "single": [], "replicated": []}
@@ -172,7 +172,7 @@ def main() -> None:
     p.add_argument("--diagnose", action="store_true", help="the replicated call's conditions, one at a time")
     args = p.parse_args()
     if args.diagnose:
-        import transformers_fastpath  # noqa: F401
+        import transformers_fastpath
 
         print(json.dumps(diagnose(args, texts(args.texts))), flush=True)
         return

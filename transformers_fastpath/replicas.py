@@ -3,9 +3,8 @@
 ``enable_replicas(pipe, ["cuda:0", "cuda:1"])`` makes ``pipe(list_of_inputs)`` send the first
 half of the list to the pipeline itself on ``cuda:0`` (on the caller's thread) and the second
 half to a replica on ``cuda:1`` (served from a long-lived thread of its own), and return the
-results in the caller's order. Anything that is not a list (one
-input, a generator, a dataset) goes to the first replica. ``disable_replicas(pipe)`` puts the
-pipeline back as it was.
+results in the caller's order. Anything that is not a list (one input, a generator, a dataset)
+goes to the first replica. ``disable_replicas(pipe)`` puts the pipeline back as it was.
 
 Two kinds of replica (``workers``):
 
@@ -73,7 +72,7 @@ def _replicated_call(self: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
     outcomes: list[Any] = []
     try:
         outcomes.append(replicas[0]([inputs[i] for i in shards[0]], *args, **kwargs))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - kept, merged or raised below once every shard is done
         outcomes.append(exc)
     for future in futures:  # every shard finishes before anything is raised: nothing is lost
         try:

@@ -34,7 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["LAYERS_ATTR", "REPLICATE_ATTR", "Around", "add_layer", "bind_call", "get_layer", "method_signature", "remove_layer"]
+__all__ = ["LAYERS_ATTR", "REPLICATE_ATTR", "Around", "add_layer", "bind_call", "get_layer", "method_signature",
+           "remove_layer"]
 
 LAYERS_ATTR = "_fastpath_method_layers"
 REPLICATE_ATTR = "_replicate_for_data_parallel"  # torch.nn.Module's hook for DataParallel replicas

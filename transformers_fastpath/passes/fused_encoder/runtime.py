@@ -14,12 +14,11 @@ out of memory, a bug of ours), the original forward runs on the same input. If i
 its exception propagates unchanged (a bad input, or memory that is short for both) and the
 conversion stays. After an out-of-memory error the conversion stays in any case (the next,
 smaller batch may fit). Otherwise, if the original succeeds, the call returns its result and the
-conversion undoes itself
-on the whole model (:meth:`FusedRuntime.fail`): logged once, the plan shows the pass as failed,
-and every later call runs the original forward; strict mode raises instead. The call's result
-is then the unconverted model's, bit for bit, for encoder-level conversions (all layers are one
-call); for layer-level ones (ViT) the layers before the failing one already ran fused in that
-call (within the fused tolerance).
+conversion undoes itself on the whole model (:meth:`FusedRuntime.fail`): logged once, the plan
+shows the pass as failed, and every later call runs the original forward; strict mode raises
+instead. The call's result is then the unconverted model's, bit for bit, for encoder-level
+conversions (all layers are one call); for layer-level ones (ViT) the layers before the failing
+one already ran fused in that call (within the fused tolerance).
 """
 
 from __future__ import annotations
@@ -123,7 +122,8 @@ class FusedRuntime:
         with _FAIL_LOCK:  # two threads failing at once: one of them undoes the conversion
             if self.failed is not None:
                 return
-            self.failed = f"failed at run time: {type(exc).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+            first = lines[0][:300] if lines else ""
+            self.failed = f"failed at run time: {type(exc).__name__}: {first}".rstrip(": ")
         model = self.root if self.root is not None else self.owner
         remove_all(model)
         from ..runner import PLAN_ATTR, _label, record_run_time_failure
