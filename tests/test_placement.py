@@ -286,10 +286,32 @@ def test_replicate_through_the_policy(classifier_reference, monkeypatch: pytest.
 
 # -- torchrun: two CPU processes over gloo -------------------------------------------------------------
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _torchrun_commands(layout: str, worker_args: list[str]) -> list[list[str]]:
+    """One command per launched torchrun: one node of two processes, or two nodes of one each
+    (a multi-node launch on one host: RANK 0 and 1, LOCAL_RANK 0 on both)."""
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    worker = [str(REPO / "tests" / "tp_worker.py"), *worker_args]
+    if layout == "one node":
+        return [[*run, "--standalone", "--nproc-per-node", "2", *worker]]
+    port = str(_free_port())
+    return [[*run, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node), "--master-addr", "127.0.0.1",
+             "--master-port", port, *worker] for node in (0, 1)]
+
+
 @pytest.mark.slow
-def test_torchrun_tensor_and_data_parallel(tiny_model_factory, tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["one node", "two nodes"])
+def test_torchrun_tensor_and_data_parallel(tiny_model_factory, tmp_path: Path, layout: str) -> None:
     """transformers' tensor parallel on CPU (gloo) through ``pipeline(..., fastpath=True)``: both ranks
-    produce the greedy tokens of a single-process run; the BERT classifier runs data parallel."""
+    produce the greedy tokens of a single-process run; the BERT classifier runs data parallel. Launched
+    as one node of two processes and as two single-process nodes."""
     import transformers
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -299,23 +321,27 @@ def test_torchrun_tensor_and_data_parallel(tiny_model_factory, tmp_path: Path) -
     finally:
         sys.path.pop(0)
     llama_path, bert_path = tiny_model_factory("llama", "causal"), tiny_model_factory("bert", "seq-cls")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRANSFORMERS_FASTPATH", "WORLD_SIZE", "RANK"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TRANSFORMERS_FASTPATH", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_"))}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(REPO / "tests" / "tp_worker.py"), "--model", str(llama_path), "--classifier", str(bert_path),
-           "--out", str(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    commands = _torchrun_commands(layout, ["--model", str(llama_path), "--classifier", str(bert_path),
+                                           "--out", str(tmp_path)])
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for cmd in commands]
     try:  # the single-process references while the ranks start up
         single = transformers.pipeline("text-generation", model=str(llama_path), fastpath=False)
         expected = greedy_token_ids(single)
         classifier = transformers.pipeline("text-classification", model=str(bert_path), fastpath=False)
         expected_dp = [[r["label"], round(float(r["score"]), 5)] for r in classifier(DP_TEXTS)]
-        stdout, stderr = proc.communicate(timeout=240)
+        outputs = [proc.communicate(timeout=240) for proc in procs]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, (stdout, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [rank["local_rank"] for rank in ranks] == ([0, 1] if layout == "one node" else [0, 0])
     for rank in ranks:
         assert rank["world_size"] == 2 and rank["distributed"]
         assert rank["placement"] == "tensor-parallel", rank["placement_reason"]

@@ -63,7 +63,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     model_dir = args.model or str(build_tiny_llama(out / f"llama-rank{rank}", args.tokenizer))
 
-    result: dict[str, object] = {"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    result: dict[str, object] = {"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                                 "local_rank": int(os.environ.get("LOCAL_RANK", "0"))}
     pipe = transformers.pipeline("text-generation", model=model_dir, fastpath=True)
     plan = fp.plan_of(pipe)
     weight = pipe.model.model.layers[0].self_attn.q_proj.weight
