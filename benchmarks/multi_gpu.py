@@ -184,10 +184,17 @@ def bench_replicas(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     for variant, pipe in pipes.items():
         alone = []  # each replica on its own shard, one after the other: where the time goes
         replicas = replicas_of(pipe)
-        for replica, shard in zip(replicas, split_contiguous(len(inputs), len(replicas))):
+        # Each replica on the thread that serves it in a call: this one, then its own lane
+        # (a thread's first GPU calls are slow, see docs/multi-gpu.md).
+        lanes = [None, *(lane for lane, _ in vars(pipe).get("_fastpath_replica_lanes", ()))]
+        for replica, lane, shard in zip(replicas, lanes, split_contiguous(len(inputs), len(replicas))):
             sync()
             start = time.perf_counter()
-            replica([inputs[i] for i in shard])
+            shard_inputs = [inputs[i] for i in shard]
+            if lane is None:
+                replica(shard_inputs)
+            else:
+                lane.submit(replica, shard_inputs).result()
             sync()
             alone.append({"replica": repr(replica)[:60], "inputs": len(shard), "seconds": time.perf_counter() - start})
         plan = plans[variant]

@@ -35,7 +35,8 @@ def timed_in_worker(inputs: list[str]) -> dict:
 
 
 def replicated(args: argparse.Namespace, inputs: list[str]) -> dict:
-    """Interleave one-GPU and replicated calls; then one replicated call taken apart by hand."""
+    """Interleave one-GPU and replicated calls; then one replicated call taken apart by hand, the
+    first shard on a fresh thread (how replicas.py ran it before it was fixed; compare the two)."""
     import statistics
     import threading
 

@@ -128,6 +128,21 @@ def extra_pass(request: pytest.FixtureRequest) -> Iterator[object]:
 
 
 @pytest.fixture
+def cpu_data_parallel(monkeypatch: pytest.MonkeyPatch):
+    """``replicate(module) -> replica``: ``torch.nn.parallel.replicate`` for one device, on CPU (its
+    CUDA broadcast swapped for copies), which is how DataParallel builds each GPU's replica."""
+    import importlib
+
+    import torch
+
+    replicate = importlib.import_module("torch.nn.parallel.replicate")
+    monkeypatch.setattr(replicate, "_get_device_index", lambda device, optional=False: device)
+    monkeypatch.setattr(replicate, "_broadcast_coalesced_reshape", lambda tensors, devices, detach=False: [
+        [t.detach().clone() if detach else t.clone() for t in tensors] for _ in devices])
+    return lambda module: replicate.replicate(module, [torch.device("cpu")], detach=not torch.is_grad_enabled())[0]
+
+
+@pytest.fixture
 def clean_fastpath() -> Iterator[None]:
     """Leave transformers as the test found it, whatever the test installed or uninstalled: patched
     by the passive .pth bootstrap or not, and with the same installed policy (a bare uninstall()

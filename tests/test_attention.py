@@ -402,23 +402,7 @@ def test_layers_stack_remove_in_any_order_and_restore_a_previous_override() -> N
         add_layer(thing, "missing", "a", layer("a"))
 
 
-def _replicate_like_data_parallel(network: torch.nn.Module) -> torch.nn.Module:
-    """What ``torch.nn.parallel.replicate`` does for one device, on CPU: each module's
-    ``_replicate_for_data_parallel()``, children rewired, parameters and buffers copied."""
-    modules = list(network.modules())
-    copies = [module._replicate_for_data_parallel() for module in modules]
-    index = {id(module): i for i, module in enumerate(modules)}
-    for module, replica in zip(modules, copies):
-        for key, child in module._modules.items():
-            replica._modules[key] = None if child is None else copies[index[id(child)]]
-        for key, param in module._parameters.items():
-            replica._parameters[key] = None if param is None else param.detach().clone()
-        for key, buffer in module._buffers.items():
-            replica._buffers[key] = None if buffer is None else buffer.clone()
-    return copies[0]
-
-
-def test_layers_follow_data_parallel_replicas(tiny_model_factory) -> None:
+def test_layers_follow_data_parallel_replicas(tiny_model_factory, cpu_data_parallel) -> None:
     """DataParallel (the Trainer on several GPUs without torchrun) copies __dict__ into each replica:
     the override must run the replica, not the original on GPU 0 (it crashed with a device mismatch)."""
     from transformers import AutoModelForSequenceClassification
@@ -433,7 +417,8 @@ def test_layers_follow_data_parallel_replicas(tiny_model_factory) -> None:
     ids = torch.tensor([[2, 5, 7, 9, 3]])
     reference = model(input_ids=ids).logits
     add_layer(model, "forward", "test", around)
-    replica = _replicate_like_data_parallel(model)
+    replica = cpu_data_parallel(model)
+    assert not list(replica.parameters())  # as on a GPU: the replica's weights are plain attributes
     with torch.no_grad():
         for param in model.parameters():
             param.zero_()  # the original changes: a replica still bound to it would change too
@@ -442,4 +427,16 @@ def test_layers_follow_data_parallel_replicas(tiny_model_factory) -> None:
     assert not torch.allclose(model(input_ids=ids).logits, reference, atol=1e-3) and seen[-1] == id(model)
     assert get_layer(replica, "forward", "test") is around
     remove_layer(model, "forward", "test")
-    assert "_replicate_for_data_parallel" not in vars(model) and "forward" not in vars(model)
+    assert not {"_replicate_for_data_parallel", "_fastpath_replica_fixes", "forward"} & set(vars(model))
+
+
+def test_sdpa_chain_reads_a_data_parallel_replicas_weights(cpu_data_parallel) -> None:
+    """A DataParallel replica has no parameters (its weights are plain attributes): the chain's
+    probe must still see their device and dtype, not fall back to CPU float32."""
+    from transformers_fastpath.passes import sdpa_backends
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2)).to(torch.float64)
+    with torch.no_grad():
+        replica = cpu_data_parallel(model)
+    assert not list(replica.parameters())
+    assert sdpa_backends._device_and_dtype(replica) == (torch.device("cpu"), torch.float64)

@@ -270,6 +270,23 @@ def test_replicas_keep_order_and_results(classifier_reference) -> None:
     assert type(pipe) is cls and not replicas_of(pipe)
 
 
+def test_a_stopped_replica_thread_loses_nothing(classifier_reference, caplog: pytest.LogCaptureFixture) -> None:
+    """disable_replicas racing a call stops a replica's thread: its shard runs on the first replica."""
+    import logging
+
+    import transformers
+
+    path, reference = classifier_reference
+    pipe = transformers.pipeline("text-classification", model=str(path), fastpath=False, batch_size=4)
+    enable_replicas(pipe, ["cpu", "cpu"], workers="threads")
+    for lane, _ in vars(pipe)["_fastpath_replica_lanes"]:
+        lane.shutdown()
+    with caplog.at_level(logging.WARNING, logger="transformers_fastpath"):
+        assert _labels(pipe(TEXTS)) == reference
+    assert any("its thread is stopped" in r.getMessage() for r in caplog.records)
+    disable_replicas(pipe)
+
+
 def test_replicate_through_the_policy(classifier_reference, monkeypatch: pytest.MonkeyPatch) -> None:
     """placement = replicate on a machine with two devices (two 'CPUs' stand in for two GPUs)."""
     import transformers
@@ -395,6 +412,21 @@ def test_worker_replicas_need_a_loadable_checkpoint(classifier_reference) -> Non
     assert "no fastpath plan" in recipe_for(pipe, None)
     with pytest.raises(ValueError, match="cannot rebuild this pipeline"):
         enable_replicas(pipe, ["cpu", "cpu"], plan=fp.plan_of(pipe), workers="processes")
+
+
+def test_worker_recipe_pins_the_hub_commit_the_parent_loaded(classifier_reference) -> None:
+    import transformers
+
+    from transformers_fastpath.replica_workers import recipe_for
+
+    path, _ = classifier_reference
+    pipe = transformers.pipeline("text-classification", model=str(path), revision="main", fastpath=True)
+    pipe.model.name_or_path = pipe.tokenizer.name_or_path = "org/classifier"  # as if loaded from the Hub
+    pipe.model.config._commit_hash = "0123abcd"
+    recipe = recipe_for(pipe, fp.plan_of(pipe))
+    assert recipe.call["model"] == "org/classifier" and recipe.call["revision"] == "0123abcd"
+    pipe.tokenizer.name_or_path = "org/tokenizer"  # another repository: one revision cannot serve both
+    assert recipe_for(pipe, fp.plan_of(pipe)).call["revision"] == "main"  # the caller's, as given
 
 
 def test_a_worker_that_cannot_build_its_pipeline_says_why() -> None:

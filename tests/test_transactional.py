@@ -332,6 +332,25 @@ def test_fused_kernel_failing_on_the_first_batch_reverts_the_pass(
     assert len(logged) == 1 and "reverted" in logged[0].getMessage()
 
 
+def test_data_parallel_replicas_run_the_original_forward(cpu_data_parallel: Any) -> None:
+    """DataParallel (the Trainer on several GPUs, no torchrun) copies __dict__ into each replica: the
+    converted forward there would read the original's weights on the first GPU. Replicas drop it."""
+    model = bert()
+    inputs = text_inputs()
+    ref = run(model, inputs)
+    fp.apply(model, {"defaults": ONLY_FUSED}, hardware=CPU)
+    with torch.no_grad():
+        replica = cpu_data_parallel(model)
+        for param in model.parameters():
+            param.zero_()  # a replica still running the original's fused forward would see zeros
+    torch.testing.assert_close(run(replica, inputs), ref, atol=1e-5, rtol=0)
+    assert no_overrides(replica) and runtime_of(replica) is None
+    assert runtime_of(model) is not None  # the model itself keeps its conversion
+    fp.revert(model)
+    assert not any("_replicate_for_data_parallel" in vars(m) or "_fastpath_replica_fixes" in vars(m)
+                   for m in model.modules())
+
+
 def test_fused_kernel_out_of_memory_keeps_the_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
     """An OOM may be one big batch's: the original forward answers that call, the conversion stays,
     and the fused route serves again once memory allows."""

@@ -49,10 +49,11 @@ class PipelineRecipe:
 
 _LOAD_CALL_ATTR = "_fastpath_load_call"
 # pipeline() arguments a worker needs to load the same model and tokenizer. Placement and dtype
-# are not among them: the pinned policy decides those, and the worker's device is its own.
+# are not among them: the pinned policy decides those, and the worker's device is its own. A
+# caller's quantization_config stays (the plan says "keep" for it, which a policy cannot pin).
 _REBUILD_ARGS = ("config", "revision", "use_fast", "token", "trust_remote_code", "model_kwargs")
 _PLACEMENT_MODEL_KWARGS = ("device_map", "max_memory", "tp_plan", "tp_size", "distributed_config", "dtype",
-                           "torch_dtype", "quantization_config", "offload_folder")
+                           "torch_dtype", "offload_folder")
 
 
 def remember_load_call(pipeline: Any, call: dict[str, Any]) -> None:
@@ -83,12 +84,14 @@ def recipe_for(pipeline: Any, plan: Plan | None) -> PipelineRecipe | str:
         return "the model carries PEFT adapters that its checkpoint does not"
     call: dict[str, Any] = dict(getattr(pipeline, _LOAD_CALL_ATTR, None) or {})
     call.update(task=getattr(pipeline, "task", None), model=source, batch_size=getattr(pipeline, "_batch_size", None))
-    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
-    if commit and not os.path.isdir(source):
-        call["revision"] = commit  # the very snapshot the parent loaded, not whatever main is now
     tokenizer = getattr(pipeline, "tokenizer", None)
     if tokenizer is not None:
         call["tokenizer"] = getattr(tokenizer, "name_or_path", None) or source
+    # The very snapshot the parent loaded, not whatever main is now -- unless the tokenizer or the
+    # config comes from another repository: pipeline() passes one revision to every load.
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    if commit and not os.path.isdir(source) and all(call.get(k, source) == source for k in ("tokenizer", "config")):
+        call["revision"] = commit
     for params in ("_preprocess_params", "_forward_params", "_postprocess_params"):
         call.update(getattr(pipeline, params, None) or {})
     call = {k: v for k, v in call.items() if v is not None}

@@ -28,7 +28,7 @@ import logging
 import os
 import weakref
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
 from .batching import call_override_subclass
@@ -41,7 +41,7 @@ __all__ = ["disable_replicas", "enable_replicas", "replicas_of", "split_contiguo
 logger = logging.getLogger(__name__)
 
 _REPLICAS_ATTR = "_fastpath_replicas"
-_LANES_ATTR = "_fastpath_replica_lanes"  # one single-thread executor per extra replica
+_LANES_ATTR = "_fastpath_replica_lanes"  # (single-thread executor, its finalizer) per extra replica
 Workers = Literal["auto", "threads", "processes"]
 
 
@@ -62,12 +62,12 @@ def _replicated_call(self: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
     if not isinstance(inputs, list) or len(inputs) < 2 or len(replicas) < 2:
         return replicas[0](inputs, *args, **kwargs)
     shards = split_contiguous(len(inputs), len(replicas))
-    lanes: Sequence[ThreadPoolExecutor] = getattr(self, _LANES_ATTR)
+    lanes = [lane for lane, _ in getattr(self, _LANES_ATTR)]
     # The extra replicas start first, each on its own long-lived thread; the first shard runs on
     # the caller's thread. Both matter on GPUs: torch keeps per-thread state (cuBLAS handles,
     # cuDNN attention's graph cache), and a fresh thread rebuilds it -- a new thread per call ran
     # a BERT shard 2.4x slower on an H100, all of it inside scaled_dot_product_attention.
-    futures = [lane.submit(replica, [inputs[i] for i in shard], *args, **kwargs)
+    futures = [_submit(lane, replica, [inputs[i] for i in shard], args, kwargs)
                for lane, replica, shard in zip(lanes, replicas[1:], shards[1:])]
     outcomes: list[Any] = []
     try:
@@ -97,6 +97,15 @@ def _replicated_call(self: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
             )
     # Per-input errors (exc.fastpath_results, see pipeline_resilience) merge across shards.
     return gather_shards([list(shard) for shard in shards], outcomes, len(inputs))
+
+
+def _submit(lane: ThreadPoolExecutor, replica: Any, shard: list[Any], args: tuple, kwargs: dict[str, Any]) -> Future:
+    try:
+        return lane.submit(replica, shard, *args, **kwargs)
+    except RuntimeError as exc:  # the lane is shut down: disable_replicas ran during this call
+        failed: Future = Future()
+        failed.set_exception(WorkerUnavailable(f"its thread is stopped ({exc})"))
+        return failed
 
 
 def _warn_once(replica: WorkerReplica, exc: Exception) -> None:
@@ -181,10 +190,10 @@ def enable_replicas(pipeline: Any, devices: Sequence[str], *, plan: Plan | None 
         logger.info("fastpath: pipeline replica on %s (%s)", device, "process" if use_processes else "thread")
     lanes = tuple(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fastpath-replica-{device}")
                   for device in devices[1:])
-    for lane in lanes:  # idle threads end with the pipeline, if disable_replicas never runs
-        weakref.finalize(pipeline, lane.shutdown, wait=False)
+    # Idle lane threads end with the pipeline, if disable_replicas never runs.
+    finalizers = tuple(weakref.finalize(pipeline, lane.shutdown, wait=False) for lane in lanes)
     object.__setattr__(pipeline, _REPLICAS_ATTR, tuple(replicas))
-    object.__setattr__(pipeline, _LANES_ATTR, lanes)
+    object.__setattr__(pipeline, _LANES_ATTR, tuple(zip(lanes, finalizers)))
     pipeline.__class__ = _replicated_subclass(type(pipeline))  # type: ignore[arg-type]
 
 
@@ -194,7 +203,8 @@ def disable_replicas(pipeline: Any) -> None:
     if base is None:
         return
     pipeline.__class__ = base
-    for lane in pipeline.__dict__.pop(_LANES_ATTR, ()):
+    for lane, finalizer in pipeline.__dict__.pop(_LANES_ATTR, ()):
+        finalizer.detach()
         lane.shutdown(wait=True)
     for replica in pipeline.__dict__.pop(_REPLICAS_ATTR, ()):
         if isinstance(replica, WorkerReplica):

@@ -18,8 +18,9 @@ The dispatcher is bound with :class:`types.MethodType`, and the layers live in a
 model, so ``copy.deepcopy(model)`` gives a copy whose overrides call the copy, not the original.
 ``torch.nn.DataParallel`` copies a module's ``__dict__`` shallowly into each GPU's replica (as
 the Trainer does on a machine with several GPUs and no torchrun), which would leave each
-replica's override bound to the original on GPU 0; so a module with layers also gets an
-instance ``_replicate_for_data_parallel`` that rebinds them to the replica.
+replica's override bound to the original on GPU 0. :func:`fix_data_parallel_replicas` lets
+whatever puts state on an instance repair each replica (the layers here are rebound to it; the
+fused encoder drops its converted forward from it).
 ``inspect.signature(model.forward)`` still shows the original parameters (``generate`` inspects
 ``forward``'s signature to decide which inputs to pass).
 """
@@ -34,11 +35,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["LAYERS_ATTR", "REPLICATE_ATTR", "Around", "add_layer", "bind_call", "get_layer", "method_signature",
-           "remove_layer"]
+__all__ = ["LAYERS_ATTR", "Around", "add_layer", "bind_call", "fix_data_parallel_replicas", "get_layer",
+           "method_signature", "remove_layer", "unfix_data_parallel_replicas"]
 
 LAYERS_ATTR = "_fastpath_method_layers"
 REPLICATE_ATTR = "_replicate_for_data_parallel"  # torch.nn.Module's hook for DataParallel replicas
+FIXES_ATTR = "_fastpath_replica_fixes"
 
 Around = Callable[..., Any]
 """``around(model, inner, *args, **kwargs) -> result``; call ``inner(*args, **kwargs)`` to go on."""
@@ -75,8 +77,7 @@ def add_layer(model: Any, method: str, owner: str, around: Around) -> None:
         dispatcher = types.MethodType(_dispatcher_for(type(model), method), model)
         stack = stacks[method] = _Stack(previous, dispatcher)
         model.__dict__[method] = dispatcher
-        if callable(getattr(type(model), REPLICATE_ATTR, None)) and REPLICATE_ATTR not in model.__dict__:
-            model.__dict__[REPLICATE_ATTR] = types.MethodType(_replicate_with_layers, model)
+        fix_data_parallel_replicas(model, "method_layers", _rebind_layers)
     if any(name == owner for name, _ in stack.layers):
         raise ValueError(f"{owner!r} already overrides {method!r} on this model; remove its layer first")
     stack.layers.append((owner, around))
@@ -104,27 +105,61 @@ def remove_layer(model: Any, method: str, owner: str) -> bool:
         del stacks[method]
         if not stacks:
             del model.__dict__[LAYERS_ATTR]
-            replicate = model.__dict__.get(REPLICATE_ATTR)
-            if getattr(replicate, "__func__", None) is _replicate_with_layers:
-                del model.__dict__[REPLICATE_ATTR]
+            unfix_data_parallel_replicas(model, "method_layers")
     return removed
 
 
-def _replicate_with_layers(self: Any) -> Any:
-    """``torch.nn.Module._replicate_for_data_parallel`` with this module's layers bound to the replica."""
-    replica = type(self)._replicate_for_data_parallel(self)  # __dict__ copied: still bound to self
-    del replica.__dict__[REPLICATE_ATTR]  # a replica is never replicated again
+def _rebind_layers(original: Any, replica: Any) -> None:
+    """A replica's layers and dispatchers, bound to the replica instead of ``original``."""
     stacks: dict[str, _Stack] = {}
-    for method, stack in self.__dict__.get(LAYERS_ATTR, {}).items():
+    for method, stack in original.__dict__.get(LAYERS_ATTR, {}).items():
         dispatcher = types.MethodType(stack.dispatcher.__func__, replica)
         if _is_ours(replica.__dict__.get(method), stack):
             replica.__dict__[method] = dispatcher
         stacks[method] = _Stack(stack.previous, dispatcher, list(stack.layers))
     replica.__dict__[LAYERS_ATTR] = stacks
+
+
+# -- torch.nn.DataParallel replicas ------------------------------------------------------------
+
+def fix_data_parallel_replicas(module: Any, owner: str, fix: Callable[[Any, Any], None]) -> None:
+    """Run ``fix(module, replica)`` on every ``torch.nn.DataParallel`` replica made of ``module``.
+
+    DataParallel builds each replica with ``module._replicate_for_data_parallel()``, a shallow copy
+    of ``__dict__``: instance state that refers to ``module`` itself still does in the replica.
+    ``fix`` is a module-level function (copies and pickles of the model keep it). A no-op for
+    objects that are not torch modules.
+    """
+    if not callable(getattr(type(module), REPLICATE_ATTR, None)):
+        return
+    module.__dict__.setdefault(FIXES_ATTR, {})[owner] = fix
+    if REPLICATE_ATTR not in module.__dict__:
+        module.__dict__[REPLICATE_ATTR] = types.MethodType(_replicate_fixed, module)
+
+
+def unfix_data_parallel_replicas(module: Any, owner: str) -> None:
+    """Undo ``owner``'s :func:`fix_data_parallel_replicas` (the instance hook goes with the last one)."""
+    fixes: dict[str, Any] = module.__dict__.get(FIXES_ATTR) or {}
+    fixes.pop(owner, None)
+    if fixes:
+        return
+    module.__dict__.pop(FIXES_ATTR, None)
+    if getattr(module.__dict__.get(REPLICATE_ATTR), "__func__", None) is _replicate_fixed:
+        del module.__dict__[REPLICATE_ATTR]
+
+
+def _replicate_fixed(self: Any) -> Any:
+    """``torch.nn.Module._replicate_for_data_parallel`` followed by the registered fixes."""
+    replica = type(self)._replicate_for_data_parallel(self)  # __dict__ copied: refers to self
+    replica.__dict__.pop(REPLICATE_ATTR, None)  # a replica is never replicated again
+    for fix in (replica.__dict__.pop(FIXES_ATTR, None) or {}).values():
+        fix(self, replica)
     return replica
 
 
-_replicate_with_layers.__name__ = REPLICATE_ATTR  # a pickled bound method is found again by this name
+# A pickled bound method is looked up again by this name when the model is unpickled; it then
+# finds torch's own method (the fixes do not survive pickling, like the layers' dispatchers).
+_replicate_fixed.__name__ = REPLICATE_ATTR
 
 
 def get_layer(model: Any, method: str, owner: str) -> Around | None:

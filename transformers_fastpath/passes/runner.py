@@ -177,7 +177,14 @@ def apply_plan(model: nn.Module, plan: Plan) -> Plan:
                     if whole_plan is None:
                         raise
             if whole_plan is not None:
-                whole_plan.restore()
+                lost = whole_plan.restore()
+                if lost:  # a weight that could not be copied to host (meta, an exotic subclass)
+                    _attach(model, previous_plan, previous_applied)
+                    raise RollbackError(
+                        f"fastpath: strict mode could not restore {len(lost)} weight tensor(s) of {label} after "
+                        f"pass {pass_.name!r} failed ({', '.join(lost[:5])}): load the model again. Fix: set "
+                        f"{pass_.setting} = false in the policy, or strict = false.",
+                        pass_name=pass_.name, weights=lost) from failure
             _attach(model, previous_plan, previous_applied)
             if not isinstance(failure, Exception) or isinstance(failure, StrictModeError):
                 raise failure
@@ -285,12 +292,12 @@ def _exit_canonical(model: nn.Module) -> None:
     try:  # the depth stays 1 while re-applying, so a state_dict() inside apply() reverts nothing
         registry = _passes_by_name()
         plan: Plan | None = getattr(model, PLAN_ATTR, None)
-        first_error: StrictModeError | None = None
+        first_error: Exception | None = None
         for name in reversed(getattr(model, _REVERTED_ATTR, ())):
             if name in registry:
                 try:
                     _reapply(registry[name], model, plan)
-                except StrictModeError as exc:  # recorded as failed; the others still come back first
+                except Exception as exc:  # noqa: BLE001 - recorded as failed; the others still come back first
                     first_error = first_error or exc
         if first_error is not None:
             raise first_error

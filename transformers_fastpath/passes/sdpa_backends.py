@@ -436,6 +436,10 @@ def _device_and_dtype(model: Any) -> tuple[Any, Any]:
     for param in model.parameters():
         if param.is_floating_point():
             return param.device, param.dtype
+    for module in model.modules():  # a torch.nn.DataParallel replica holds its weights here instead
+        for tensor in getattr(module, "_former_parameters", {}).values():
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                return tensor.device, tensor.dtype
     return torch.device("cpu"), torch.get_default_dtype()
 
 

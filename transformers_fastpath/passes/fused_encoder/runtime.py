@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ...errors import StrictModeError
+from ..instance_methods import fix_data_parallel_replicas, unfix_data_parallel_replicas
 from .families import Family
 from .guards import hooks_reason, kwargs_reason, state_reason
 from .heuristic import choose_route
@@ -46,6 +47,7 @@ __all__ = ["RUNTIME_ATTR", "FusedForward", "FusedRuntime", "remove_all", "runtim
 logger = logging.getLogger(__name__)
 
 RUNTIME_ATTR = "_fastpath_fused_encoder"
+PASS_OWNER = "fused_encoder"  # this conversion's name among a module's DataParallel replica fixes
 _FAIL_LOCK = threading.Lock()  # module-level: a lock attribute would stop deepcopy/pickle of the model
 
 RouteChoice = Literal["auto", "dense", "nested", "packed"]
@@ -94,6 +96,7 @@ class FusedRuntime:
     def install(self, encoder: nn.Module | None) -> None:
         """Put the converted forward(s) in place; on error the caller runs :func:`remove_all`."""
         setattr(self.owner, RUNTIME_ATTR, self)
+        fix_data_parallel_replicas(self.owner, PASS_OWNER, _unfused_replica)
         if encoder is not None:
             _set_forward(encoder, FusedForward(self, encoder, self.parts, padding_free=True))
         else:
@@ -153,6 +156,16 @@ def _set_forward(module: nn.Module, forward: FusedForward) -> None:
     if "forward" in vars(module):
         raise RuntimeError(f"{type(module).__name__} already has an instance-level forward")
     module.forward = forward
+    fix_data_parallel_replicas(module, PASS_OWNER, _unfused_replica)
+
+
+def _unfused_replica(original: nn.Module, replica: nn.Module) -> None:
+    """A ``torch.nn.DataParallel`` replica runs the original forward: the converted one reads the
+    original module's weights (on the first GPU), and a replica has no parameters of its own."""
+    own = vars(replica)
+    if getattr(own.get("forward"), "__fastpath_fused_encoder__", False):
+        del own["forward"]
+    own.pop(RUNTIME_ATTR, None)
 
 
 class FusedForward:
@@ -222,10 +235,15 @@ class FusedForward:
         after an out-of-memory error, which may be this batch's alone: the conversion stays.
         """
         runtime = self.runtime
-        if isinstance(failure, torch.OutOfMemoryError):
+        from ...pipeline_resilience import is_out_of_memory
+
+        if is_out_of_memory(failure):
             # Memory short for this batch only, maybe: the original runs this call (or raises its
             # own OOM, which a pipeline answers by splitting the batch), the conversion stays.
             runtime.stats["original: fused route out of memory"] += 1
+            if runtime.stats["original: fused route out of memory"] == 1:
+                logger.info("fastpath: the fused encoder ran out of memory on a batch; the original forward ran it "
+                            "and the conversion stays (runtime_of(model).stats counts these)")
             return self.original(*args, **kwargs)
         runtime.stats[f"original: fused route failed: {type(failure).__name__}"] += 1
         result = self.original(*args, **kwargs)
@@ -330,4 +348,5 @@ def remove_all(model: nn.Module) -> int:
         runtime = own.pop(RUNTIME_ATTR, None)
         if isinstance(runtime, FusedRuntime):
             runtime.drop_caches()
+        unfix_data_parallel_replicas(module, PASS_OWNER)
     return removed
