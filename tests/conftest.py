@@ -28,11 +28,12 @@ def minilm() -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """MiniLM's real WordPiece tokenizer, reused by every tiny text model (vocab 30522)."""
+    """MiniLM's real WordPiece tokenizer, reused by every tiny text model (vocab 30522); or the
+    BERT tokenizer directory named by ``FASTPATH_TEST_TOKENIZER`` (the GPU machine has no MiniLM)."""
     from transformers import AutoTokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
-    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(out)
+    AutoTokenizer.from_pretrained(os.environ.get("FASTPATH_TEST_TOKENIZER") or minilm_path()).save_pretrained(out)
     return out
 
 

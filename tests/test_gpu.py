@@ -1,6 +1,7 @@
 """Multi-GPU checks that CPUs cannot make; each skips cleanly without the GPUs it needs.
 
-Run them on a GPU machine (``source benchmarks/gpu_env.sh; python -m pytest -q tests/test_gpu.py``):
+Run them on a GPU machine (``source benchmarks/gpu_env.sh; FASTPATH_TEST_TOKENIZER=.tok python3 -m pytest
+-q tests/test_gpu.py``, where ``.tok`` holds a BERT tokenizer: the MiniLM package is not there):
 replicas in worker processes on two GPUs, quantized weights sharded over two GPUs, and a Trainer
 step under ``torch.nn.DataParallel`` (what the Trainer does on several GPUs without torchrun).
 """
