@@ -34,38 +34,48 @@ def timed_in_worker(inputs: list[str]) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _single_and_replicated(args: argparse.Namespace) -> tuple:
+    """The same classifier twice: ``placement = "single"`` and ``"replicate"`` (on CPU, a smoke run:
+    two CPU replicas, the second a worker process)."""
+    import transformers
+
+    import transformers_fastpath as fp
+    from transformers_fastpath.replicas import enable_replicas
+
+    base = {"batch_size": args.batch_size, "encoder_fastpath": False}
+    single = transformers.pipeline("text-classification", model=args.model,
+                                   fastpath={"defaults": {**base, "placement": "single"}})
+    multi = transformers.pipeline("text-classification", model=args.model,
+                                  fastpath={"defaults": {**base, "placement": "replicate"}})
+    if not torch.cuda.is_available():
+        enable_replicas(multi, ["cpu", "cpu"], plan=fp.plan_of(multi), workers="processes")
+    return single, multi
+
+
 def replicated(args: argparse.Namespace, inputs: list[str]) -> dict:
     """Interleave one-GPU and replicated calls; then one replicated call taken apart by hand, the
     first shard on a fresh thread (how replicas.py ran it before it was fixed; compare the two)."""
     import statistics
     import threading
 
-    import transformers
-
     from transformers_fastpath.replicas import replicas_of, split_contiguous
 
-    sync = torch.cuda.synchronize
-    base = {"batch_size": args.batch_size, "encoder_fastpath": False}
-    single = transformers.pipeline("text-classification", model=args.model,
-                                   fastpath={"defaults": {**base, "placement": "single"}})
-    multi = transformers.pipeline("text-classification", model=args.model,
-                                  fastpath={"defaults": {**base, "placement": "replicate"}})
-    if not torch.cuda.is_available():  # CPU smoke run: two CPU replicas, the second a worker process
-        import transformers_fastpath as fp
-        from transformers_fastpath.replicas import enable_replicas
-
-        enable_replicas(multi, ["cpu", "cpu"], plan=fp.plan_of(multi), workers="processes")
-        sync = lambda: None
+    single, multi = _single_and_replicated(args)
     replicas = replicas_of(multi)
     out: dict = {"replicas": [repr(r)[:50] for r in replicas], "parent_affinity": len(os.sched_getaffinity(0)),
                  "single": [], "replicated": []}
     single(inputs), multi(inputs)
     for _ in range(args.repeats):
         for name, pipe in (("single", single), ("replicated", multi)):
-            sync()
+            _sync()
             start = time.perf_counter()
             pipe(inputs)
-            sync()
+            _sync()
             out[name].append(round(time.perf_counter() - start, 3))
     out["ratio"] = statistics.median(out["single"]) / statistics.median(out["replicated"])
     shards = split_contiguous(len(inputs), len(replicas))
@@ -97,21 +107,9 @@ def diagnose(args: argparse.Namespace, inputs: list[str]) -> dict:
     import pstats
     import threading
 
-    import transformers
-
     from transformers_fastpath.replicas import replicas_of
 
-    base = {"batch_size": args.batch_size, "encoder_fastpath": False}
-    single = transformers.pipeline("text-classification", model=args.model,
-                                   fastpath={"defaults": {**base, "placement": "single"}})
-    multi = transformers.pipeline("text-classification", model=args.model,
-                                  fastpath={"defaults": {**base, "placement": "replicate"}})
-    if not torch.cuda.is_available():  # CPU smoke run
-        import transformers_fastpath as fp
-        from transformers_fastpath.replicas import enable_replicas
-
-        enable_replicas(multi, ["cpu", "cpu"], plan=fp.plan_of(multi), workers="processes")
-        torch.cuda.synchronize = lambda *a: None
+    single, multi = _single_and_replicated(args)
     primary, worker = replicas_of(multi)[:2]
     half = inputs[: len(inputs) // 2]
     single(inputs), multi(inputs)
@@ -129,7 +127,7 @@ def diagnose(args: argparse.Namespace, inputs: list[str]) -> dict:
                 prof.enable()
             start = time.perf_counter()
             fn(half)
-            torch.cuda.synchronize()
+            _sync()
             box["s"] = round(time.perf_counter() - start, 3)
             if prof:
                 prof.disable()
@@ -186,7 +184,6 @@ def main() -> None:
 
     import transformers_fastpath as fp
 
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     inputs = texts(args.offset + args.texts)[args.offset:]
     pipe = transformers.pipeline("text-classification", model=args.model, device=args.device,
                                  fastpath={"defaults": {"placement": "single", "batch_size": args.batch_size,
@@ -201,19 +198,19 @@ def main() -> None:
                       ("tokenize_one_by_one", lambda: [pipe.tokenizer(t) for t in inputs]),
                       ("tokenize_batched", lambda: [pipe.tokenizer(inputs[i:i + args.batch_size], padding=True)
                                                     for i in range(0, len(inputs), args.batch_size)])):
-        sync()
+        _sync()
         start = time.perf_counter()
         run()
-        sync()
+        _sync()
         out[name] = round(time.perf_counter() - start, 3)
     batches = [pipe.tokenizer(inputs[i:i + args.batch_size], padding=True, return_tensors="pt")
                for i in range(0, len(inputs), args.batch_size)]
     with torch.inference_mode():
-        sync()
+        _sync()
         start = time.perf_counter()
         for b in batches:
             pipe.model(**{k: v.to(pipe.device) for k, v in b.items()}).logits.cpu()
-        sync()
+        _sync()
         out["model_only"] = round(time.perf_counter() - start, 3)
     print(json.dumps(out), flush=True)
 
