@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.metadata
 import json
 import os
 import platform
@@ -86,13 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for dist in ("torch", "transformers", "accelerate", "transformers-fastpath"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
+    """The library versions every bench report carries (this checkout's own version even when it
+    is on PYTHONPATH rather than installed, as on the GPU machine)."""
+    from transformers_fastpath.bench.runner import environment
+
+    return {**environment()["versions"]}
 
 
 def sync() -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import importlib.metadata
 import json
 import platform
 import statistics
@@ -76,13 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for dist in ("torch", "transformers", "accelerate", "bitsandbytes", "torchao", "transformers-fastpath"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
+    """The library versions every bench report carries (this checkout's own version even when it
+    is on PYTHONPATH rather than installed, as on the GPU machine)."""
+    from transformers_fastpath.bench.runner import distribution_version, environment
+
+    return {**environment()["versions"], "torchao": distribution_version("torchao")}
 
 
 def make_checkpoint(args: argparse.Namespace, directory: Path) -> Path:

@@ -105,7 +105,8 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(dist: str) -> str | None:
+def distribution_version(dist: str) -> str | None:
+    """The installed version of distribution ``dist``, or None when it is not installed."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -130,7 +131,7 @@ def environment() -> dict[str, Any]:
     device["torch_threads"] = torch.get_num_threads()
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
                 "transformers-fastpath": __version__, "python": platform.python_version(),
-                "accelerate": _version("accelerate"), "bitsandbytes": _version("bitsandbytes"),
+                "accelerate": distribution_version("accelerate"), "bitsandbytes": distribution_version("bitsandbytes"),
                 "cuda": torch.version.cuda if hw.device == "cuda" else None}
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": device, "versions": versions}
