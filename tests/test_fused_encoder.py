@@ -321,6 +321,37 @@ def test_half_precision_runs_fused(route: str, dtype: torch.dtype) -> None:
     assert set(runtime_of(fast).stats) == {route}
 
 
+@pytest.mark.parametrize("left", [False, True])
+def test_packed_route_varlen_attention(monkeypatch: pytest.MonkeyPatch, left: bool) -> None:
+    """Where flash runs (a GPU), the packed route's attention takes the packed tokens and each
+    sequence's offsets (torch's varlen_attn). Here a per-sequence SDPA stands in for the kernel:
+    the offsets, the layout and the result must match the unconverted model."""
+    from transformers_fastpath.passes.fused_encoder import routes
+
+    assert not routes.use_varlen(torch.zeros(2, 8, HIDDEN, dtype=torch.bfloat16), HIDDEN // HEADS)  # CPU: no flash
+    calls: list[tuple[list[int], int]] = []
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k):
+        assert q.shape[1:] == (HEADS, HIDDEN // HEADS) and torch.equal(cu_q, cu_k) and max_q == max_k
+        calls.append((cu_q.tolist(), max_q))
+        out = torch.empty_like(q)
+        for start, end in zip(cu_q.tolist(), cu_q.tolist()[1:]):
+            seq = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # (H, L, D)
+            out[start:end] = torch.nn.functional.scaled_dot_product_attention(*seq).transpose(0, 1)
+        return out
+
+    monkeypatch.setattr(routes, "_varlen_attn", lambda: varlen_attn)
+    monkeypatch.setattr(routes, "use_varlen", lambda x, head_dim: True)
+    config = text_config("bert")
+    model = build(config)
+    fast = converted_copy(model, route="packed")
+    inputs = text_inputs(config, lengths=(4, 1, 6), pad_to=8, left=left)
+    keep = inputs["attention_mask"].bool()
+    torch.testing.assert_close(run(fast, inputs).last_hidden_state[keep],
+                               run(model, inputs).last_hidden_state[keep], atol=ATOL, rtol=0)
+    assert calls == [([0, 4, 5, 11], 6)] * LAYERS
+
+
 # -- fallbacks: bit-identical to the original forward -----------------------------------------
 
 def test_train_mode_runs_original() -> None:
@@ -771,6 +802,12 @@ def test_route_heuristic() -> None:
     assert choose_route("cuda", 64, 256, 64 * 256 // 4) == cuda.padded_route
     assert choose_route("cuda", 64, 256, 64 * 256 // 4, left_aligned=False) == "packed"
     assert choose_route("cuda", 64, 256, int(64 * 256 * 0.95)) == "dense"
+    # Flash varlen attention (fp16/bf16, sm80+): packed for every padded batch but small ones.
+    assert choose_route("cuda", 64, 256, 64 * 256 // 4, varlen=True) == "packed"
+    assert choose_route("cuda", 64, 256, int(64 * 256 * 0.95), varlen=True) == "packed"
+    assert choose_route("cuda", 8, 128, 256, varlen=True) == "dense"
+    assert choose_route("cuda", 64, 256, None, varlen=True) == "dense"
+    assert choose_route("cpu", 32, 128, 1024, varlen=True) == cpu.padded_route  # no cpu-varlen row
     assert choose_route("mps", 8, 128, None) is None
 
 

@@ -1,15 +1,17 @@
-"""Multi-GPU checks that CPUs cannot make; each skips cleanly without the GPUs it needs.
+"""GPU checks that CPUs cannot make; each skips cleanly without the GPUs it needs.
 
 Run them on a GPU machine (``source benchmarks/gpu_env.sh; FASTPATH_TEST_TOKENIZER=.tok python3 -m pytest
 -q tests/test_gpu.py``, where ``.tok`` holds a BERT tokenizer: the MiniLM package is not there):
-replicas in worker processes on two GPUs, quantized weights sharded over two GPUs, and a Trainer
-step under ``torch.nn.DataParallel`` (what the Trainer does on several GPUs without torchrun).
+replicas in worker processes on two GPUs, quantized weights sharded over two GPUs, a Trainer
+step under ``torch.nn.DataParallel`` (what the Trainer does on several GPUs without torchrun), and
+the fused encoder's packed route with flash varlen attention on one GPU.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import threading
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,14 @@ import torch
 
 import transformers_fastpath as fp
 
-pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+flash_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                               reason="needs a CUDA GPU with flash attention (sm80+)")
 
 TEXTS = [f"text number {i} " + "more words " * (i % 7) for i in range(37)]
 
 
+@two_gpus
 def test_replicas_on_two_gpus_match_one_gpu(tiny_model_factory) -> None:
     import transformers
 
@@ -44,6 +49,7 @@ def test_replicas_on_two_gpus_match_one_gpu(tiny_model_factory) -> None:
     assert seen and set(seen) == {threading.current_thread().name}  # the first shard ran on this thread
 
 
+@two_gpus
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
 def test_nf4_sharded_over_two_gpus_matches_one_gpu(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -72,6 +78,7 @@ def test_nf4_sharded_over_two_gpus_matches_one_gpu(tmp_path: Path) -> None:
     torch.testing.assert_close(outputs["balanced"], outputs["single"], atol=2e-2, rtol=2e-2)
 
 
+@two_gpus
 def test_trainer_under_data_parallel_with_fastpath(tiny_model_factory, tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
@@ -87,3 +94,38 @@ def test_trainer_under_data_parallel_with_fastpath(tiny_model_factory, tmp_path:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert fp.plan_of(trainer.model) is not None
+
+
+@flash_gpu
+@pytest.mark.parametrize("left", [False, True])
+def test_packed_route_runs_varlen_flash_attention(tiny_model_factory, left: bool) -> None:
+    """On a flash GPU the packed route's attention is padding-free (varlen_attn); real tokens match
+    the unconverted model, pads come back as 0."""
+    from transformers import AutoModel
+
+    from transformers_fastpath.passes.fused_encoder import FusedEncoderPass, routes, runtime_of
+
+    model = AutoModel.from_pretrained(tiny_model_factory("bert", "base")).to("cuda", torch.bfloat16).eval()
+    reference = AutoModel.from_pretrained(tiny_model_factory("bert", "base")).to("cuda", torch.bfloat16).eval()
+    FusedEncoderPass(route="packed").apply(model, SimpleNamespace(hardware=None, get=lambda key, default=None: (
+        "auto" if key == "encoder_fastpath" else default)))
+    lengths = torch.tensor([5, 1, 16, 9, 12])
+    pos = torch.arange(16)[None, :]
+    mask = (pos >= 16 - lengths[:, None]) if left else (pos < lengths[:, None])
+    ids = torch.randint(3, 100, mask.shape, generator=torch.Generator().manual_seed(0)).masked_fill(~mask, 0)
+    inputs = {"input_ids": ids.cuda(), "attention_mask": mask.long().cuda()}
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    assert routes.use_varlen(torch.zeros(1, device="cuda", dtype=torch.bfloat16), head_dim)
+    with torch.inference_mode():
+        out, ref = model(**inputs).last_hidden_state, reference(**inputs).last_hidden_state
+    keep = mask.cuda()
+    torch.testing.assert_close(out[keep].float(), ref[keep].float(), atol=3e-2, rtol=3e-2)
+    assert torch.count_nonzero(out[~keep]) == 0
+    assert set(runtime_of(model).stats) == {"packed"}
+
+    runtime_of(model).route = "auto"  # the heuristic picks packed for a big padded batch on a flash GPU
+    runtime_of(model).stats.clear()
+    big = torch.arange(128)[None, :] < torch.randint(8, 64, (32, 1), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        model(input_ids=torch.full(big.shape, 5, device="cuda"), attention_mask=big.long().cuda())
+    assert set(runtime_of(model).stats) == {"packed"}

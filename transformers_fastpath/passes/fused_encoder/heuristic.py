@@ -9,9 +9,14 @@ A deliberately small rule with one row of thresholds per device type::
 ``fill`` is real tokens / (B*T). A route of None means "run the original forward": on CPU the
 fused op's attention (bmm + masked softmax) is slower than transformers' SDPA for large
 unpadded batches. The CPU numbers come from ``benchmarks/fused_encoder.py --device cpu`` on a
-2-core machine; the CUDA row from ``benchmarks/results/fused_encoder_h100.json`` (BERT-base fp16
-on one H100: dense 1.5-1.7x at 8x128 whatever the fill, nested 1.3-1.65x on large padded batches
-where dense with a mask drops to 0.64-0.77x). Numbers and tables: docs/fused-encoder.md.
+2-core machine. On a GPU whose packed route runs flash varlen attention (fp16/bf16, sm80+; the
+``cuda-varlen`` row), two runs on one H100 (``benchmarks/results/fused_encoder_bf16_{routes,varlen}_h100.json``,
+BERT-base bf16) have packed at 1.32-1.93x of SDPA on large batches at 25-50% fill, where nested
+is 0.82-1.21x and dense with a mask 0.63-0.77x; dense wins small batches (1.42-1.62x at 8x128,
+packed 1.18-1.25x).
+The plain ``cuda`` row (float32, or GPUs without flash) keeps the earlier fp16 measurement
+(``fused_encoder_h100.json``: nested 1.3-1.65x, before the packed route had varlen attention).
+Numbers and tables: docs/fused-encoder.md.
 """
 
 from __future__ import annotations
@@ -40,16 +45,21 @@ THRESHOLDS: dict[str, Thresholds] = {
                       full_dense_tokens=512, full_route=None),
     "cuda": Thresholds(small_tokens=2048, dense_min_fill=0.9, padded_route="nested",
                        full_dense_tokens=1 << 62, full_route="dense"),
+    "cuda-varlen": Thresholds(small_tokens=2048, dense_min_fill=1.01, padded_route="packed",
+                              full_dense_tokens=1 << 62, full_route="dense"),
 }
 
 
 def choose_route(device_type: str, batch: int, length: int, real_tokens: int | None,
-                 left_aligned: bool = True) -> Route | None:
+                 left_aligned: bool = True, varlen: bool = False) -> Route | None:
     """The route for a ``(batch, length)`` input with ``real_tokens`` real tokens (None: no padding).
 
+    ``varlen``: the packed route's attention can run padding-free here (see
+    :func:`.routes.use_varlen`); picks the device's ``-varlen`` row where there is one.
     Returns None when the original forward is expected to be faster.
     """
-    t = THRESHOLDS.get(device_type)
+    t = THRESHOLDS.get(f"{device_type}-varlen") if varlen else None
+    t = t or THRESHOLDS.get(device_type)
     if t is None:
         return None
     padded_tokens = batch * length

@@ -14,20 +14,23 @@
     ``(B, T)`` buffer, ``scaled_dot_product_attention`` with the key mask, gathered back).
     Works for any padding pattern. Pad positions come back as 0. Measured fastest on CPU,
     where the nested attention of the fused op pads internally (see docs/fused-encoder.md).
+    On a GPU with flash attention (sm80+, fp16/bf16), attention runs on the packed tokens too:
+    ``torch.nn.attention.varlen.varlen_attn`` with each sequence's offsets, so nothing is padded.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from .layers import BoundLayer
 
-__all__ = ["ROUTES", "Route", "run_dense", "run_nested", "run_packed", "run_route"]
+__all__ = ["ROUTES", "Route", "run_dense", "run_nested", "run_packed", "run_route", "use_varlen"]
 
 Route = Literal["dense", "nested", "packed"]
 ROUTES: tuple[Route, ...] = ("dense", "nested", "packed")
@@ -66,27 +69,74 @@ def _to_padded_heads(t: torch.Tensor, index: torch.Tensor, shape: tuple[int, int
     return buf.view(batch, length, heads, head_dim).transpose(1, 2)
 
 
+@functools.cache
+def _varlen_attn() -> Callable[..., torch.Tensor] | None:
+    """torch's variable-length flash attention (torch >= 2.9), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@functools.cache
+def _has_flash(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def use_varlen(x: torch.Tensor, head_dim: int) -> bool:
+    """Whether the packed route's attention can run padding-free on ``x`` (flash's limits)."""
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
+            and _varlen_attn() is not None and _has_flash(x.device))
+
+
+class _PackedAttention:
+    """Attention of one batch's packed ``(N, E)`` tokens, each sequence attending to itself only."""
+
+    def __init__(self, keep: torch.Tensor, index: torch.Tensor, embed: int, heads: int, varlen: bool) -> None:
+        batch, length = keep.shape
+        self.index, self.embed, self.heads = index, embed, heads
+        self.shape = (batch, length, heads, embed // heads)
+        self.varlen = varlen
+        if varlen:
+            lengths = keep.sum(1, dtype=torch.int32)
+            lengths = lengths[lengths > 0]  # rows of padding only have no tokens to attend from
+            self.offsets = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+            self.max_len = int(lengths.max())
+        else:
+            self.rows, self.cols = index // length, index % length  # (batch, time) of each real token
+            self.key_mask = keep[:, None, None, :]  # (B, 1, 1, T): True = attend
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``(N, E)`` q/k/v of real tokens -> ``(N, E)`` attention output."""
+        if self.varlen:
+            n, heads, head_dim = q.shape[0], self.heads, self.shape[3]
+            out: Any = _varlen_attn()(q.view(n, heads, head_dim), k.view(n, heads, head_dim),
+                                      v.view(n, heads, head_dim), self.offsets, self.offsets,
+                                      self.max_len, self.max_len)
+            return out.reshape(n, self.embed)
+        q, k, v = (_to_padded_heads(t, self.index, self.shape) for t in (q, k, v))
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=self.key_mask)  # (B, H, T, D)
+        return att[self.rows, :, self.cols, :].reshape(-1, self.embed)
+
+
 def run_packed(x: torch.Tensor, keep: torch.Tensor, layers: Sequence[BoundLayer]) -> torch.Tensor:
-    """Padding-free linear layers on packed tokens; attention on a padded view via SDPA."""
+    """Padding-free linear layers on packed tokens; attention padding-free too where flash runs,
+    else on a padded view via SDPA."""
     batch, length, embed = x.shape
     index = keep.reshape(-1).nonzero().squeeze(1)    # positions of real tokens in (B*T)
-    rows, cols = index // length, index % length     # their (batch, time) coordinates
-    key_mask = keep[:, None, None, :]                # (B, 1, 1, T): True = attend
     h = x.reshape(batch * length, embed).index_select(0, index)
+    attention: _PackedAttention | None = None
     for layer in layers:
         p = layer.parts
         qw, qb, kw, kb, vw, vb, ow, ob, n1w, n1b, n2w, n2b, f1w, f1b, f2w, f2b = layer.w
-        heads = p.num_heads
-        head_dim = embed // heads
+        if attention is None or attention.heads != p.num_heads:
+            attention = _PackedAttention(keep, index, embed, p.num_heads, use_varlen(x, embed // p.num_heads))
 
-        shape = (batch, length, heads, head_dim)
         residual = h
         a_in = F.layer_norm(h, (embed,), n1w, n1b, p.eps) if p.norm_first else h
-        q = _to_padded_heads(F.linear(a_in, qw, qb), index, shape)
-        k = _to_padded_heads(F.linear(a_in, kw, kb), index, shape)
-        v = _to_padded_heads(F.linear(a_in, vw, vb), index, shape)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)   # (B, H, T, D)
-        att = F.linear(att[rows, :, cols, :].reshape(-1, embed), ow, ob)      # (N, E): real tokens only
+        att = attention(F.linear(a_in, qw, qb), F.linear(a_in, kw, kb), F.linear(a_in, vw, vb))
+        att = F.linear(att, ow, ob)                                           # (N, E): real tokens only
         if p.norm_first:
             h = residual + att
             f_in = F.layer_norm(h, (embed,), n2w, n2b, p.eps)

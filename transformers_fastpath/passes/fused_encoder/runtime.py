@@ -40,7 +40,7 @@ from .guards import hooks_reason, kwargs_reason, state_reason
 from .heuristic import choose_route
 from .layers import BoundLayer, LayerParts
 from .masks import MaskRejected, keep_mask
-from .routes import ROUTES, Route, run_route
+from .routes import ROUTES, Route, run_route, use_varlen
 
 __all__ = ["RUNTIME_ATTR", "FusedForward", "FusedRuntime", "remove_all", "runtime_of"]
 
@@ -305,7 +305,8 @@ class FusedForward:
             left_aligned = not bool((keep[:, 1:] & ~keep[:, :-1]).any())
         if forced == "auto":
             batch, length, _ = hidden.shape
-            route = choose_route(hidden.device.type, batch, length, real, left_aligned)
+            varlen = use_varlen(hidden, hidden.shape[-1] // self.layers[0].num_heads)
+            route = choose_route(hidden.device.type, batch, length, real, left_aligned, varlen)
         else:
             route = forced
         if route is None:
