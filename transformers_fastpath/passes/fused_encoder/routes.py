@@ -99,8 +99,7 @@ class _PackedAttention:
         self.shape = (batch, length, heads, embed // heads)
         self.varlen = varlen
         if varlen:
-            lengths = keep.sum(1, dtype=torch.int32)
-            lengths = lengths[lengths > 0]  # rows of padding only have no tokens to attend from
+            lengths = keep.sum(1, dtype=torch.int32)  # each >= 1: keep_mask rejects rows of padding only
             self.offsets = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
             self.max_len = int(lengths.max())
         else:
