@@ -824,3 +824,35 @@ def test_state_dict_and_load_state_dict_are_canonical_while_converted(bert: nn.M
     assert sorted(weights(tmp_path / "explicit")) == sorted(canonical)
     fp.revert(bert)
     assert not is_wrapped(bert) and sorted(bert.state_dict()) == sorted(canonical)
+
+
+@pytest.mark.slow
+def test_trainer_under_torchrun_ddp(tiny_model_factory, tmp_path: Path) -> None:
+    """Two CPU processes (gloo) under torchrun: the Trainer wraps the model in
+    DistributedDataParallel; with the callback both ranks train to the same weights, and the
+    checkpoint rank 0 saves is those weights under the unconverted model's names."""
+    from transformers import AutoModelForSequenceClassification
+
+    model_path = tiny_model_factory("bert", "seq-cls")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TRANSFORMERS_FASTPATH", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_", "ACCELERATE_"))}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    worker = Path(__file__).parent / "trainer_ddp_worker.py"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(worker), "--model", str(model_path), "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["world_size"] == 2 and rank["wrapped"] == "DistributedDataParallel"
+        assert "fused_encoder" in rank["applied"]
+        assert len(rank["losses"]) == 3 and all(torch.isfinite(torch.tensor(rank["losses"])))
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    untrained = AutoModelForSequenceClassification.from_pretrained(model_path).state_dict()
+    assert set(states[0]) == set(untrained)
+    assert any(not torch.equal(states[0][k], untrained[k]) for k in untrained)  # it did train
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key  # DDP kept the ranks in step
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved").state_dict()
+    for key, value in states[0].items():
+        assert torch.equal(saved[key], value), key
