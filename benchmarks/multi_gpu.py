@@ -89,7 +89,7 @@ def versions() -> dict[str, str | None]:
     is on PYTHONPATH rather than installed, as on the GPU machine)."""
     from transformers_fastpath.bench.runner import environment
 
-    return {**environment()["versions"]}
+    return environment()["versions"]
 
 
 def sync() -> None:

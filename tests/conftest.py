@@ -161,6 +161,15 @@ def clean_fastpath() -> Iterator[None]:
     bootstrap._user_decided = decided
 
 
+def torchrun_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a ``torchrun`` launched by a test: without fastpath's own
+    variables and without the distributed ones of any launch this test run is itself inside."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TRANSFORMERS_FASTPATH", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_", "ACCELERATE_"))}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
 def run_python(code: str, env: dict[str, str] | None = None, cwd: Path | None = None,
                timeout: int = 300) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter (the .pth bootstrap runs there as for a user)."""

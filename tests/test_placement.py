@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import torchrun_env
 
 import transformers_fastpath as fp
 from transformers_fastpath import Hardware, resolve
@@ -338,9 +339,7 @@ def test_torchrun_tensor_and_data_parallel(tiny_model_factory, tmp_path: Path, l
     finally:
         sys.path.pop(0)
     llama_path, bert_path = tiny_model_factory("llama", "causal"), tiny_model_factory("bert", "seq-cls")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TRANSFORMERS_FASTPATH", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_"))}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = torchrun_env()
     commands = _torchrun_commands(layout, ["--model", str(llama_path), "--classifier", str(bert_path),
                                            "--out", str(tmp_path)])
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

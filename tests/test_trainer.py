@@ -36,6 +36,7 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from conftest import torchrun_env
 
 import transformers_fastpath as fp
 from transformers_fastpath import plugins
@@ -834,9 +835,7 @@ def test_trainer_under_torchrun_ddp(tiny_model_factory, tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
     model_path = tiny_model_factory("bert", "seq-cls")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TRANSFORMERS_FASTPATH", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_", "ACCELERATE_"))}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env = torchrun_env(OMP_NUM_THREADS="1")
     worker = Path(__file__).parent / "trainer_ddp_worker.py"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(worker), "--model", str(model_path), "--out", str(tmp_path)],
