@@ -192,25 +192,34 @@ ROUTES = ("dense", "nested", "packed", "auto")
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("model_type", list(TEXT_FAMILIES))
 def test_text_families_match(model_type: str, impl: str) -> None:
-    """Every route, forced in turn on one converted copy, matches the unconverted model."""
+    """Every route, forced in turn on one converted copy, matches the unconverted model on right- and
+    left-padded batches: the head's logits (they read position 0, a pad in left-padded rows), the
+    pooler where there is one, and the hidden states of real tokens."""
     config = text_config(model_type)
     model = build(config, impl, head="AutoModelForSequenceClassification")
     fast = converted_copy(model)
     runtime = runtime_of(fast)
-    inputs = text_inputs(config)
-    keep = inputs["attention_mask"].bool()
-    ref_logits = run(model, inputs).logits
-    ref_h = run(model.base_model, inputs).last_hidden_state
-
-    for route in ROUTES:
-        runtime.route = route
-        runtime.stats.clear()
-        torch.testing.assert_close(run(fast, inputs).logits, ref_logits, atol=ATOL, rtol=0, msg=route)
-        out_h = run(fast.base_model, inputs).last_hidden_state
-        torch.testing.assert_close(out_h[keep], ref_h[keep], atol=ATOL, rtol=0, msg=route)
-        taken = set(runtime.stats)
-        assert not [k for k in taken if k.startswith("original")], (route, taken)
-        assert taken == ({route} if route != "auto" else taken) and taken, (route, taken)
+    for left in (False, True):
+        inputs = text_inputs(config, left=left)
+        keep = inputs["attention_mask"].bool()
+        ref_logits = run(model, inputs).logits
+        ref = run(model.base_model, inputs)
+        for route in ROUTES:
+            runtime.route = route
+            runtime.stats.clear()
+            where = f"{route}, {'left' if left else 'right'} padding"
+            torch.testing.assert_close(run(fast, inputs).logits, ref_logits, atol=ATOL, rtol=0, msg=where)
+            out = run(fast.base_model, inputs)
+            torch.testing.assert_close(out.last_hidden_state[keep], ref.last_hidden_state[keep], atol=ATOL, rtol=0,
+                                       msg=where)
+            torch.testing.assert_close(out.last_hidden_state[:, 0], ref.last_hidden_state[:, 0], atol=ATOL, rtol=0,
+                                       msg=where)
+            if getattr(ref, "pooler_output", None) is not None:
+                torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=ATOL, rtol=0, msg=where)
+            taken = set(runtime.stats)
+            assert not [k for k in taken if k.startswith("original")], (where, taken)
+            expected = {"packed"} if route == "nested" and left else {route}
+            assert taken == (expected if route != "auto" else taken) and taken, (where, taken)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
@@ -234,18 +243,24 @@ def test_vision_families_match(model_type: str, impl: str) -> None:
 
 @pytest.mark.parametrize("route", ["dense", "nested", "packed"])
 def test_pad_positions(route: str) -> None:
-    """Dense keeps what the unconverted model puts at pads; padding-free routes give 0 there."""
+    """Dense keeps what the unconverted model puts at pads; padding-free routes give 0 there, except
+    position 0 of left-padded rows (heads read it), computed as the unconverted model does."""
     config = text_config("bert")
     model = build(config)
     fast = converted_copy(model, route=route)
-    inputs = text_inputs(config)
-    pad = ~inputs["attention_mask"].bool()
-    ref = run(model, inputs).last_hidden_state
-    out = run(fast, inputs).last_hidden_state
-    if route == "dense":
-        torch.testing.assert_close(out[pad], ref[pad], atol=ATOL, rtol=0)
-    else:
-        assert torch.count_nonzero(out[pad]) == 0
+    for left in (False, True):
+        inputs = text_inputs(config, left=left)
+        pad = ~inputs["attention_mask"].bool()
+        ref = run(model, inputs).last_hidden_state
+        out = run(fast, inputs).last_hidden_state
+        if route == "dense":
+            torch.testing.assert_close(out[pad], ref[pad], atol=ATOL, rtol=0)
+            continue
+        read = torch.zeros_like(pad)
+        read[:, 0] = True
+        torch.testing.assert_close(out[pad & read], ref[pad & read], atol=ATOL, rtol=0)
+        assert torch.count_nonzero(out[pad & ~read]) == 0
+        assert bool((pad & read).any()) == left
 
 
 @pytest.mark.parametrize("route", ["auto", "dense", "nested", "packed"])
@@ -332,12 +347,13 @@ def test_packed_route_varlen_attention(monkeypatch: pytest.MonkeyPatch, left: bo
     calls: list[tuple[list[int], int]] = []
 
     def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k):
-        assert q.shape[1:] == (HEADS, HIDDEN // HEADS) and torch.equal(cu_q, cu_k) and max_q == max_k
-        calls.append((cu_q.tolist(), max_q))
+        assert q.shape[1:] == (HEADS, HIDDEN // HEADS) and k.shape == v.shape
+        calls.append((cu_q.tolist(), cu_k.tolist(), max_q, max_k))
         out = torch.empty_like(q)
-        for start, end in zip(cu_q.tolist(), cu_q.tolist()[1:]):
-            seq = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # (H, L, D)
-            out[start:end] = torch.nn.functional.scaled_dot_product_attention(*seq).transpose(0, 1)
+        for (qs, qe), (ks, ke) in zip(zip(cu_q.tolist(), cu_q.tolist()[1:]), zip(cu_k.tolist(), cu_k.tolist()[1:])):
+            seq = [t.transpose(0, 1) for t in (q[qs:qe], k[ks:ke], v[ks:ke])]  # (H, L, D)
+            # A query-only pad comes first in its row (position 0 of a left-padded row).
+            out[qs:qe] = torch.nn.functional.scaled_dot_product_attention(*seq).transpose(0, 1)
         return out
 
     monkeypatch.setattr(routes, "_varlen_attn", lambda: varlen_attn)
@@ -347,9 +363,13 @@ def test_packed_route_varlen_attention(monkeypatch: pytest.MonkeyPatch, left: bo
     fast = converted_copy(model, route="packed")
     inputs = text_inputs(config, lengths=(4, 1, 6), pad_to=8, left=left)
     keep = inputs["attention_mask"].bool()
-    torch.testing.assert_close(run(fast, inputs).last_hidden_state[keep],
-                               run(model, inputs).last_hidden_state[keep], atol=ATOL, rtol=0)
-    assert calls == [([0, 4, 5, 11], 6)] * LAYERS
+    out, ref = run(fast, inputs), run(model, inputs)
+    torch.testing.assert_close(out.last_hidden_state[keep], ref.last_hidden_state[keep], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=ATOL, rtol=0)
+    if left:  # position 0 of each row is a pad: one more query per row, keys unchanged
+        assert calls == [([0, 5, 7, 14], [0, 4, 5, 11], 7, 6)] * LAYERS
+    else:
+        assert calls == [([0, 4, 5, 11], [0, 4, 5, 11], 6, 6)] * LAYERS
 
 
 # -- fallbacks: bit-identical to the original forward -----------------------------------------

@@ -12,7 +12,10 @@
     Real tokens are gathered once into a ``(N, E)`` matrix; linear layers, norms and the FFN
     run on it; only attention sees the padded layout (q/k/v scattered into a zeroed
     ``(B, T)`` buffer, ``scaled_dot_product_attention`` with the key mask, gathered back).
-    Works for any padding pattern. Pad positions come back as 0. Measured fastest on CPU,
+    Works for any padding pattern. Pad positions come back as 0, except position 0 of a
+    left-padded row: heads read that position (BERT's pooler, RoBERTa's and DistilBERT's
+    classifiers), so it is computed as the unconverted model computes it, as a query that
+    attends to its row's real tokens and is no key itself. Measured fastest on CPU,
     where the nested attention of the fused op pads internally (see docs/fused-encoder.md).
     On a GPU with flash attention (sm80+, fp16/bf16), attention runs on the packed tokens too:
     ``torch.nn.attention.varlen.varlen_attn`` with each sequence's offsets, so nothing is padded.
@@ -91,51 +94,74 @@ def use_varlen(x: torch.Tensor, head_dim: int) -> bool:
 
 
 class _PackedAttention:
-    """Attention of one batch's packed ``(N, E)`` tokens, each sequence attending to itself only."""
+    """Attention of one batch's packed ``(N, E)`` rows, each sequence attending to its own real tokens.
 
-    def __init__(self, keep: torch.Tensor, index: torch.Tensor, embed: int, heads: int, varlen: bool) -> None:
+    ``rows`` (``(B, T)``) marks the positions computed, ``keep`` the real tokens among them (the
+    keys); a computed pad (position 0 of a left-padded row) is a query only, as in the unconverted
+    model, whose attention mask hides pad keys but not pad queries.
+    """
+
+    def __init__(self, rows: torch.Tensor, keep: torch.Tensor, index: torch.Tensor, embed: int, heads: int,
+                 varlen: bool) -> None:
         batch, length = keep.shape
         self.index, self.embed, self.heads = index, embed, heads
         self.shape = (batch, length, heads, embed // heads)
         self.varlen = varlen
+        # Which packed rows are keys: None when every computed row is a real token.
+        self.key_rows = None if rows is keep else keep.reshape(-1).index_select(0, index).nonzero().squeeze(1)
         if varlen:
-            lengths = keep.sum(1, dtype=torch.int32)  # each >= 1: keep_mask rejects rows of padding only
-            self.offsets = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-            self.max_len = int(lengths.max())
+            keys = keep.sum(1, dtype=torch.int32)  # each >= 1: keep_mask rejects rows of padding only
+            queries = keys if rows is keep else rows.sum(1, dtype=torch.int32)
+            self.offsets_k = F.pad(keys.cumsum(0, dtype=torch.int32), (1, 0))
+            self.offsets_q = self.offsets_k if rows is keep else F.pad(queries.cumsum(0, dtype=torch.int32), (1, 0))
+            self.max_k, self.max_q = int(keys.max()), int(queries.max())
         else:
-            self.rows, self.cols = index // length, index % length  # (batch, time) of each real token
+            self.rows, self.cols = index // length, index % length  # (batch, time) of each computed row
             self.key_mask = keep[:, None, None, :]  # (B, 1, 1, T): True = attend
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``(N, E)`` q/k/v of real tokens -> ``(N, E)`` attention output."""
+        """``(N, E)`` q/k/v of the computed rows -> ``(N, E)`` attention output."""
         if self.varlen:
-            n, heads, head_dim = q.shape[0], self.heads, self.shape[3]
-            out: Any = _varlen_attn()(q.view(n, heads, head_dim), k.view(n, heads, head_dim),
-                                      v.view(n, heads, head_dim), self.offsets, self.offsets,
-                                      self.max_len, self.max_len)
-            return out.reshape(n, self.embed)
+            if self.key_rows is not None:
+                k, v = k.index_select(0, self.key_rows), v.index_select(0, self.key_rows)
+            heads, head_dim = self.heads, self.shape[3]
+            out: Any = _varlen_attn()(q.view(q.shape[0], heads, head_dim), k.view(k.shape[0], heads, head_dim),
+                                      v.view(v.shape[0], heads, head_dim), self.offsets_q, self.offsets_k,
+                                      self.max_q, self.max_k)
+            return out.reshape(q.shape[0], self.embed)
         q, k, v = (_to_padded_heads(t, self.index, self.shape) for t in (q, k, v))
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=self.key_mask)  # (B, H, T, D)
         return att[self.rows, :, self.cols, :].reshape(-1, self.embed)
+
+
+def computed_rows(keep: torch.Tensor) -> torch.Tensor:
+    """The positions the packed route computes: the real tokens, and position 0 of every row
+    (a pad there only in left-padded rows). Returns ``keep`` itself when that adds nothing."""
+    if bool(keep[:, 0].all()):
+        return keep
+    rows = keep.clone()
+    rows[:, 0] = True
+    return rows
 
 
 def run_packed(x: torch.Tensor, keep: torch.Tensor, layers: Sequence[BoundLayer]) -> torch.Tensor:
     """Padding-free linear layers on packed tokens; attention padding-free too where flash runs,
     else on a padded view via SDPA."""
     batch, length, embed = x.shape
-    index = keep.reshape(-1).nonzero().squeeze(1)    # positions of real tokens in (B*T)
+    rows = computed_rows(keep)
+    index = rows.reshape(-1).nonzero().squeeze(1)    # positions of computed tokens in (B*T)
     h = x.reshape(batch * length, embed).index_select(0, index)
     attention: _PackedAttention | None = None
     for layer in layers:
         p = layer.parts
         qw, qb, kw, kb, vw, vb, ow, ob, n1w, n1b, n2w, n2b, f1w, f1b, f2w, f2b = layer.w
         if attention is None or attention.heads != p.num_heads:
-            attention = _PackedAttention(keep, index, embed, p.num_heads, use_varlen(x, embed // p.num_heads))
+            attention = _PackedAttention(rows, keep, index, embed, p.num_heads, use_varlen(x, embed // p.num_heads))
 
         residual = h
         a_in = F.layer_norm(h, (embed,), n1w, n1b, p.eps) if p.norm_first else h
         att = attention(F.linear(a_in, qw, qb), F.linear(a_in, kw, kb), F.linear(a_in, vw, vb))
-        att = F.linear(att, ow, ob)                                           # (N, E): real tokens only
+        att = F.linear(att, ow, ob)                                           # (N, E): computed rows only
         if p.norm_first:
             h = residual + att
             f_in = F.layer_norm(h, (embed,), n2w, n2b, p.eps)
