@@ -213,6 +213,61 @@ def test_caller_arguments_win() -> None:
     assert plan["placement"] == "keep" and not {"distributed_config", "tp_plan"} & set(plan.load_kwargs)
 
 
+# -- where from_pretrained puts the model ----------------------------------------------------------
+
+def test_from_pretrained_loads_straight_onto_the_plans_device() -> None:
+    """On a GPU machine the plan's device is where the weights load (a one-device device_map), and
+    the dtype is chosen for it; device = keep leaves a bare load on the CPU, in float32."""
+    plan = resolve(bert(), hardware=H100)
+    assert plan["device"] == "cuda:0" and plan["dtype"] == "bfloat16"
+    assert plan.load_kwargs["device_map"] == {"": "cuda:0"}
+    assert "straight onto it" in plan.settings["device"].reason
+
+    kept = resolve(bert(), hardware=H100, policy={"defaults": {"device": "keep"}})
+    assert kept["dtype"] == "float32" and "device_map" not in kept.load_kwargs
+    assert "leaves the model on the CPU" in kept.settings["dtype"].reason
+    # A pipeline with device = keep lands on transformers' own default, the first GPU.
+    assert resolve(bert(), task="text-classification", hardware=H100,
+                   policy={"defaults": {"device": "keep"}})["dtype"] == "bfloat16"
+
+    on_cpu = resolve(bert(), hardware=H100, call_kwargs={"device_map": "cpu"})
+    assert on_cpu["dtype"] == "float32" and on_cpu["device"] == "keep" and "device_map" not in on_cpu.load_kwargs
+    assert resolve(bert(), hardware=H100, call_kwargs={"device_map": "auto"})["dtype"] == "bfloat16"
+    # A pipeline's device=1 / -1 is a device, not "keep".
+    assert resolve(bert(), task="text-classification", hardware=H100x2, call_kwargs={"device": 1}
+                   ).load_kwargs["device_map"] == {"": "cuda:1"}
+    minus_one = resolve(bert(), task="text-classification", hardware=H100, call_kwargs={"device": -1})
+    assert minus_one["device"] == "cpu" and minus_one["dtype"] == "float32" and "device_map" not in minus_one.load_kwargs
+    assert "device_map" not in resolve(bert(), hardware=CPU).load_kwargs
+
+
+@pytest.mark.parametrize(("device", "hardware", "needle"), [
+    ("cuda", CPU, "this machine has no cuda device"),
+    ("cuda:2", H100x2, "this machine has 2 cuda devices (cuda:0..cuda:1)"),
+    ("xpu", H100, "this machine has no xpu device"),
+])
+def test_a_device_the_machine_lacks_is_a_policy_error(device: str, hardware: Hardware, needle: str) -> None:
+    with pytest.raises(PolicyError, match="key 'device'") as info:
+        resolve(bert(), hardware=hardware, policy={"defaults": {"device": device}})
+    assert needle in str(info.value) and "set device = 'auto'" in str(info.value)
+
+
+def test_settle_loaded_model_drops_accelerates_one_device_mark() -> None:
+    """A dense model fastpath loaded onto one device looks like ``from_pretrained(...).to(device)``:
+    transformers' pipeline accepts device= for it; quantized ones and the caller's maps keep the mark."""
+    from torch import nn
+
+    from transformers_fastpath.placement import settle_loaded_model
+
+    plan = resolve(bert(), hardware=H100)
+    for placed_by_fastpath, device_map, kept in [(True, {"": "cuda:0"}, False), (False, {"": "cuda:0"}, True),
+                                                 (True, {"a": 0, "b": 1}, True)]:
+        model = nn.Linear(2, 2)
+        model.hf_device_map = device_map
+        settle_loaded_model(model, plan, placed_by_fastpath=placed_by_fastpath)
+        assert hasattr(model, "hf_device_map") == kept, (placed_by_fastpath, device_map)
+
+
 def test_explain_shows_the_choice(tiny_model_factory, capsys: pytest.CaptureFixture[str]) -> None:
     from transformers_fastpath.cli import main
 

@@ -46,6 +46,8 @@ __all__ = [
     "pipeline_conflicts",
     "replica_devices",
     "resolve_placement",
+    "settle_loaded_model",
+    "single_device",
     "tensor_parallel_kwargs",
     "tp_obstacle",
 ]
@@ -436,11 +438,39 @@ def load_kwargs(plan: Plan) -> dict[str, Any]:
                 if host:
                     max_memory["cpu"] = _size(host * 2**30 * (1 - memory.headroom))
         return {"device_map": "balanced", **({"max_memory": max_memory} if max_memory else {})}
-    if placement in ("single", "replicate") and quantized and hw.is_gpu:
-        device = plan.get("device")
-        if isinstance(device, str) and device not in ("auto", "keep"):
-            return {"device_map": {"": device}}
-    return {}
+    device = single_device(plan)
+    return {} if device is None else {"device_map": {"": device}}
+
+
+def single_device(plan: Plan) -> str | None:
+    """The accelerator ``from_pretrained`` loads the whole model onto, or None (the CPU, the caller's
+    choice, ``device = keep``, or a sharded placement).
+
+    Loading with a one-device ``device_map`` puts each weight straight there: no CPU copy first,
+    and no second copy of the model in host memory.
+    """
+    device = plan.get("device")
+    if plan.get("placement") not in ("single", "replicate") or not isinstance(device, str):
+        return None
+    if device in ("auto", "keep") or device.split(":", 1)[0] == "cpu":
+        return None
+    return device
+
+
+def settle_loaded_model(model: Any, plan: Plan, placed_by_fastpath: bool) -> None:
+    """After a load fastpath placed with a one-device ``device_map``: make the model what
+    ``from_pretrained(...).to(device)`` gives.
+
+    accelerate marks such a model ``hf_device_map = {"": device}``, on which transformers'
+    pipeline refuses a ``device=`` argument and the Trainer does not move the model; with one
+    device and dense weights the mark says nothing ``model.device`` does not. Quantized models
+    keep it: their weights cannot be moved with ``.to()``.
+    """
+    if not placed_by_fastpath or plan.get("quantization") in METHODS:
+        return
+    device_map = getattr(model, "hf_device_map", None)
+    if isinstance(device_map, dict) and len(set(map(str, device_map.values()))) == 1:
+        del model.hf_device_map
 
 
 def _size(n_bytes: float) -> str | int:
@@ -460,5 +490,11 @@ def _host_memory_gib() -> float | None:
 
 
 def pipeline_conflicts(plan: Plan) -> tuple[str, ...]:
-    """Pipeline arguments fastpath must not add for this placement (a sharded model has no one device)."""
-    return ("device",) if plan.get("placement") in ("balanced", "tensor-parallel") else ()
+    """Pipeline arguments fastpath must not add for this placement: a sharded model has no one device,
+    and transformers' pipeline refuses ``device=`` for a model that keeps accelerate's ``hf_device_map``
+    (quantized weights loaded onto one GPU, see :func:`settle_loaded_model`)."""
+    if plan.get("placement") in ("balanced", "tensor-parallel"):
+        return ("device",)
+    if single_device(plan) is not None and plan.get("quantization") in METHODS:
+        return ("device",)
+    return ()

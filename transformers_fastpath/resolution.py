@@ -75,7 +75,7 @@ def resolve(
     for kwarg, key in CALL_KWARG_SETTINGS.items():
         value = (call_kwargs or {}).get(kwarg)
         if value is not None and not (from_pipeline_default and value == "auto"):
-            builder.set(key, _as_setting_value(key, value), reason=f"caller passed {kwarg}={_show(value)}",
+            builder.set(key, _as_setting_value(key, value, hardware), reason=f"caller passed {kwarg}={_show(value)}",
                         source=SOURCE_ARGUMENT)
 
     pm.hook.fastpath_resolve_plan(plan=builder)
@@ -91,7 +91,7 @@ def resolve(
     return builder.build(load_kwargs)
 
 
-def _as_setting_value(key: str, value: Any) -> Any:
+def _as_setting_value(key: str, value: Any, hardware: Hardware) -> Any:
     """A caller's argument as the plan shows it: the value itself when it is one the policy
     could have chosen (so later decisions can use it), else ``keep``."""
     if key == "dtype":
@@ -99,8 +99,21 @@ def _as_setting_value(key: str, value: Any) -> Any:
         return text if text in DTYPES else "keep"
     if key == "batch_size" and isinstance(value, int) and not isinstance(value, bool):
         return value
-    if key in ("attn_implementation", "device") and isinstance(value, str):
+    if key == "attn_implementation" and isinstance(value, str):
         return value
+    if key == "device":
+        return _device_setting(value, hardware)
+    return "keep"
+
+
+def _device_setting(value: Any, hardware: Hardware) -> str:
+    """A pipeline's ``device=`` (``0``, ``-1``, ``"cuda:1"``, ``torch.device``) as a ``device`` value."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0 or hardware.device == "cpu":
+            return "cpu"
+        return f"{hardware.device}:{value}"
+    if isinstance(value, str) or type(value).__name__ == "device":  # torch.device, without importing torch
+        return str(value)
     return "keep"
 
 

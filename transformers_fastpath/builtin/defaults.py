@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 
 from ..hookspecs import hookimpl
-from ..plan import PlanBuilder
+from ..plan import SOURCE_ARGUMENT, PlanBuilder
 
 # Pipelines whose inputs are independent texts/images: batching and length sorting pay off.
 BATCHED_TASKS = frozenset({
@@ -38,11 +38,45 @@ def fastpath_resolve_plan(plan: PlanBuilder) -> None:
     _resolve_batching(plan)
 
 
+def model_location(plan: PlanBuilder) -> tuple[str, str]:
+    """The device kind the model will run on (``"cpu"``, ``"cuda"``...) and why, before ``device`` is resolved.
+
+    The caller's ``device_map`` wins; then an explicit ``device``; ``device = keep`` leaves a bare
+    ``from_pretrained`` on the CPU (a pipeline puts it on its own default, the first accelerator);
+    ``auto`` is the hardware's first device.
+    """
+    hw = plan.hardware
+    device_map = plan.call_kwargs.get("device_map")
+    if device_map is not None:
+        kinds = {_kind(v) for v in (device_map.values() if isinstance(device_map, dict) else [device_map])}
+        if kinds <= {"cpu", "disk"}:
+            return "cpu", f"the caller's device_map={device_map!r} keeps it on the CPU"
+        return hw.device, f"the caller's device_map={device_map!r}"
+    device = plan.get("device")
+    if device == "keep":
+        if plan.model.task is None:
+            return "cpu", "device = keep: from_pretrained leaves the model on the CPU"
+        return hw.device, f"device = keep: transformers' pipeline puts it on its default device ({hw.device})"
+    if isinstance(device, str) and device != "auto":
+        return _kind(device), f"device = {device}"
+    return hw.device, f"the first {hw.device} device"
+
+
+def _kind(device: object) -> str:
+    """``"cuda"`` for ``"cuda:1"``, ``1`` or ``torch.device("cuda", 1)``; ``"cpu"`` for ``"cpu"``."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return "cpu" if device < 0 else "cuda"
+    return str(getattr(device, "type", device)).split(":", 1)[0]
+
+
 def _resolve_dtype(plan: PlanBuilder) -> None:
     if not plan.is_auto("dtype"):
         return
     hw = plan.hardware
-    if hw.device == "cpu":
+    where, why = model_location(plan)
+    if where == "cpu" and hw.device != "cpu":
+        plan.set("dtype", "float32", reason=f"auto: the model runs on the CPU ({why}), where float32 is fastest")
+    elif hw.device == "cpu":
         plan.set("dtype", "float32", reason="auto: CPUs run float32 matmuls fastest (bf16/fp16 are emulated on most)")
     elif hw.supports_bf16:
         plan.set("dtype", "bfloat16", reason="auto: the GPU runs bf16 at full speed; same range as float32")
@@ -70,14 +104,41 @@ def _resolve_attention(plan: PlanBuilder) -> None:
 
 
 def _resolve_device(plan: PlanBuilder) -> None:
+    _check_device_exists(plan)
     if not plan.is_auto("device"):
         return
     hw = plan.hardware
     if hw.device == "cpu":
         plan.set("device", "cpu", reason="auto: no accelerator found")
+    elif plan.call_kwargs.get("device_map") is not None:
+        plan.set("device", "keep", reason="auto: the caller's device_map places the model")
     else:
-        plan.set("device", hw.torch_device, reason=f"auto: first {hw.device} device "
-                 "(transformers' pipeline would default to the CPU)")
+        plan.set("device", hw.torch_device, reason=f"auto: first {hw.device} device; from_pretrained loads the "
+                 "weights straight onto it (transformers would leave the model on the CPU)")
+
+
+def _check_device_exists(plan: PlanBuilder) -> None:
+    """A ``device`` this hardware does not have is an error naming the setting and the fix."""
+    decision = plan.decision("device")
+    if decision is None or decision.source == SOURCE_ARGUMENT:  # the caller's own device: transformers checks it
+        return
+    device = decision.value
+    if not isinstance(device, str) or device in ("auto", "keep", "cpu"):
+        return
+    hw = plan.hardware
+    kind, _, index = device.partition(":")
+    if kind != hw.device:
+        problem = f"this machine has no {kind} device (hardware: {hw.describe()})"
+    elif index and int(index) >= hw.count:
+        problem = f"this machine has {hw.count} {kind} device{'s' if hw.count > 1 else ''} ({kind}:0.." \
+                  f"{kind}:{hw.count - 1})"
+    else:
+        return
+    from ..errors import PolicyError
+
+    raise PolicyError(f"device = {device!r} cannot be used: {problem}. Fix: set device = 'auto' (the first "
+                      f"accelerator, else the CPU), 'cpu', or a device that exists here",
+                      source=decision.source, key="device", value=device)
 
 
 def _resolve_placement(plan: PlanBuilder) -> None:

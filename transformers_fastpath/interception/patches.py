@@ -168,6 +168,9 @@ def _fastpath_load(orig: Any, cls: type, path: Any, args: tuple, kwargs: dict[st
     extra = {k: v for k, v in plan.load_kwargs.items() if kwargs.get(k) is None and not _conflicts(k, kwargs)}
     with state.loading():
         model = orig(cls, path, *args, **kwargs, **extra)
+    from ..placement import settle_loaded_model
+
+    settle_loaded_model(model, plan, placed_by_fastpath="device_map" in extra)
     apply_plan(model, plan.with_task(task))
     return model
 

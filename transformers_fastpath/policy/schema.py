@@ -68,13 +68,13 @@ def _fraction(value: Any) -> float:
     raise Invalid("must be a number in [0, 1)", "a number in [0, 1)")
 
 
-_DEVICE_RE = re.compile(r"(auto|cpu|mps|(cuda|xpu)(:\d+)?)")
+_DEVICE_RE = re.compile(r"(auto|keep|cpu|mps|(cuda|xpu)(:\d+)?)")
 
 
 def _device(value: Any) -> str:
     if isinstance(value, str) and _DEVICE_RE.fullmatch(value):
         return value
-    raise Invalid("not a device", "'auto', 'cpu', 'mps', 'cuda', 'cuda:N', 'xpu', 'xpu:N'")
+    raise Invalid("not a device", "'auto', 'keep', 'cpu', 'mps', 'cuda', 'cuda:N', 'xpu', 'xpu:N'")
 
 
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
@@ -121,7 +121,9 @@ _SETTINGS_LIST = [
             "Where the model goes: single device, balanced shards over GPUs, one replica per GPU, "
             "or tensor parallel under torchrun."),
     Setting("device", _device, "auto",
-            "Device for single placement and pipelines. auto: the first GPU when present, else CPU."),
+            "Device for single placement and pipelines: from_pretrained loads the weights straight onto it. "
+            "auto: the first GPU when present, else CPU. keep: leave the model where transformers puts it "
+            "(from_pretrained: the CPU; pipeline: its own default)."),
     Setting("memory_headroom", _fraction, 0.2,
             "Fraction of device memory kept free for activations and KV cache when deciding fit."),
     Setting("compile", _auto_or_bool, "auto",
