@@ -68,6 +68,7 @@ _HEADS = {
     "seq-cls": {"bert": "BertForSequenceClassification", "roberta": "RobertaForSequenceClassification",
                 "distilbert": "DistilBertForSequenceClassification"},
     "token-cls": {"bert": "BertForTokenClassification"},
+    "qa": {"bert": "BertForQuestionAnswering"},
     "mlm": {"bert": "BertForMaskedLM", "distilbert": "DistilBertForMaskedLM"},
     "causal": {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"},
 }

@@ -1,4 +1,5 @@
-"""Built-in plugin: pipeline-level steps (device, dtype, batch size, resilience, length-sorted batching)."""
+"""Built-in plugin: pipeline-level steps (device, dtype, batch size, output shapes, resilience, length-sorted
+batching)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ def fastpath_pipeline_created(plan: Plan, pipeline: Any) -> None:
     # plugin, called after this tryfirst one), so each replica splits and isolates on its own.
     from ..pipeline_resilience import enable_resilience
 
+    if getattr(pipeline, "task", None) == "feature-extraction":
+        from ..pipeline_outputs import enable_own_tokens
+
+        enable_own_tokens(pipeline)  # each input's own tokens at any batch size, as a batch-1 call gives
     input_errors = plan.get("input_errors")
     enable_resilience(pipeline, input_errors if input_errors in ("raise", "return") else "raise")
     if plan.get("length_bucketing") is True:
