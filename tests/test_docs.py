@@ -121,8 +121,11 @@ def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An offline Hugging Face cache where ``HUB_ID`` resolves to the bundled all-MiniLM-L6-v2."""
     from conftest import minilm_path
 
-    source = minilm_path()
-    home = tmp_path_factory.mktemp("hf_home")
+    return make_hf_home(tmp_path_factory.mktemp("hf_home"), minilm_path())
+
+
+def make_hf_home(home: Path, source: Path) -> Path:
+    """An offline Hugging Face cache in ``home`` where ``HUB_ID`` resolves to the model directory ``source``."""
     repo = home / "hub" / ("models--" + HUB_ID.replace("/", "--"))
     snapshot = repo / "snapshots" / FAKE_COMMIT
     snapshot.mkdir(parents=True)

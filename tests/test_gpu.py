@@ -129,3 +129,29 @@ def test_packed_route_runs_varlen_flash_attention(tiny_model_factory, left: bool
     with torch.inference_mode():
         model(input_ids=torch.full(big.shape, 5, device="cuda"), attention_mask=big.long().cuda())
     assert set(runtime_of(model).stats) == {"packed"}
+
+
+# -- the documented journeys, on a GPU ----------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+def test_user_journeys_on_the_gpu(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """README.md's and the quickstart's blocks, as on CPU (tests/test_user_journeys.py), plus: what
+    fastpath loaded or built runs on the GPU. The hub id there resolves to a MiniLM-shaped BERT with
+    random weights and the test tokenizer (the MiniLM package is not on the GPU machine)."""
+    from test_docs import make_hf_home, offline_env
+    from test_user_journeys import assert_journey_passes, run_journeys, EXPECTED
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    source = tmp_path / "minilm-shaped"
+    torch.manual_seed(0)
+    BertModel(BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                         vocab_size=30522)).save_pretrained(source)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(source)
+    report = run_journeys(tmp_path / "journeys", offline_env(make_hf_home(tmp_path / "hf_home", source)))
+    for page in EXPECTED:
+        for journey in assert_journey_passes(report, page):
+            if journey["name"] != "plain":  # fp.apply on the user's own CPU model leaves it where it is
+                assert journey["device"].startswith("cuda"), (page, journey)
