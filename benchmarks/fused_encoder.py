@@ -1,15 +1,25 @@
-"""Benchmark the fused encoder pass against transformers' own forward, side by side in one process.
+"""Benchmark the fused encoder against transformers' own forward, side by side in one process.
 
 Variants (same weights, same inputs, interleaved repeats, medians):
 
-* ``sdpa``      -- transformers default (``attn_implementation="sdpa"``): the baseline;
+* ``sdpa``      -- transformers default (``attn_implementation="sdpa"``) in ``--dtype``, moved to
+  ``--device`` by hand: the baseline;
 * ``eager``     -- ``attn_implementation="eager"``;
 * ``compile``   -- ``torch.compile`` of the default model (``--compile``; skipped with a reason on failure);
-* ``fastpath``  -- the converted model, routes chosen per call (``auto``);
-* ``fastpath-<route>`` -- the converted model with one route forced (``--routes dense,nested,packed``).
+* ``fastpath``  -- the headline, created only through the user entry point:
+  ``AutoModel.from_pretrained(checkpoint, fastpath={"defaults": {"dtype": --dtype}})`` (plus
+  ``"device"`` when ``--device`` is given) and nothing else: not moved, not converted by hand, its
+  routes chosen per call by the plan's fused encoder. The dtype is pinned so that every variant
+  compares one precision; device, attention and the fused encoder come from the plan. Random
+  weights are saved once as a checkpoint for it (``--model-path``: that checkpoint);
+* ``route-<route>`` -- the route micro-benchmark (``--routes dense,nested,packed``): a copy of
+  the ``sdpa`` model converted by hand with ``FusedEncoderPass`` (``--cache-qkv`` applies here)
+  and one route forced per call. These compare the fused layers' routes with each other; they
+  are not what a user gets (that is ``fastpath``).
 
 Inputs: ``BxT`` batches whose lengths are drawn so the mean fill hits each target (at least one
-full-length row). Outputs are checked against the default on real tokens (max abs diff).
+full-length row), sent to each model's device. Outputs are checked against the default on real
+tokens (max abs diff).
 
 GPU (BERT-base shape, random weights, fp16)::
 
@@ -33,6 +43,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,7 +59,8 @@ SHAPES: dict[str, dict[str, int]] = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    p.add_argument("--device", default=None, choices=("cuda", "cpu"),
+                   help="default: cuda when available, else cpu (given: also pinned in the fastpath policy)")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
                    help="config shape with random weights (default: bert-base on cuda, minilm on cpu)")
     p.add_argument("--model-path", default=None, help="load real BERT-family weights instead of a random config")
@@ -60,13 +72,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per variant and shape (default 5 cuda, 1 cpu)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the default model")
     p.add_argument("--no-eager", action="store_true", help="skip the eager variant")
-    p.add_argument("--routes", default="", help="also time forced routes, e.g. dense,nested,packed")
-    p.add_argument("--cache-qkv", action="store_true", help="convert with cache_qkv=True")
+    p.add_argument("--routes", default="", help="also time forced routes (route-<name>, the pass applied by hand "
+                                                "to a copy of the sdpa model), e.g. dense,nested,packed")
+    p.add_argument("--cache-qkv", action="store_true", help="route variants: convert with cache_qkv=True")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--note", default=None, help="free text stored in the report (conditions of the run)")
     p.add_argument("--out", default=None, help="write the JSON report here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.device_given = args.device is not None
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return args
 
 
 def draw_lengths(batch: int, length: int, fill: float, gen: torch.Generator) -> torch.Tensor:
@@ -98,9 +114,9 @@ class Timer:
 
 
 def forward_once(model: Any, ids: torch.Tensor, mask: torch.Tensor, runtime: Any, route: str | None) -> torch.Tensor:
-    """One inference forward; ``runtime`` (the converted model's) gets the route to force, or auto."""
-    if runtime is not None:
-        runtime.route = route or "auto"
+    """One inference forward; ``runtime`` (a route variant's) gets the route to force, else it is left alone."""
+    if runtime is not None and route is not None:
+        runtime.route = route
     with torch.inference_mode():
         return model(input_ids=ids, attention_mask=mask).last_hidden_state
 
@@ -116,18 +132,34 @@ def cpu_model_name() -> str | None:
     return None
 
 
-def build_models(args: argparse.Namespace, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, str], Any]:
+def fastpath_policy(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
+    """The policy of the headline variant: the run's dtype (and ``--device`` when given); the rest is the plan's."""
+    defaults: dict[str, Any] = {"dtype": str(dtype).replace("torch.", "")}
+    if args.device_given:
+        defaults["device"] = args.device
+    return {"defaults": defaults}
+
+
+def build_models(args: argparse.Namespace, dtype: torch.dtype,
+                 workdir: Path) -> tuple[dict[str, Any], dict[str, str], Any, Any]:
+    """(variant -> model, skipped variants, the config, the route model or None)."""
     from transformers import AutoModel, BertConfig, BertModel
 
+    import transformers_fastpath as fp
+    from transformers_fastpath.bench.workloads._common import enable_fastpath_kwarg
     from transformers_fastpath.passes.fused_encoder import FusedEncoderPass
 
+    enable_fastpath_kwarg()  # fastpath= accepted even where the .pth bootstrap is not installed
     if args.model_path:
-        base = AutoModel.from_pretrained(args.model_path, attn_implementation="sdpa", dtype=dtype)
+        path = args.model_path
+        base = AutoModel.from_pretrained(path, attn_implementation="sdpa", dtype=dtype, fastpath=False)
     else:
         shape = SHAPES[args.shape or ("bert-base" if args.device == "cuda" else "minilm")]
         torch.manual_seed(args.seed)
         config = BertConfig(**shape)
         base = BertModel._from_config(config, attn_implementation="sdpa", dtype=dtype)
+        base.save_pretrained(workdir)  # the checkpoint the fastpath variant loads, as its user would
+        path = str(workdir)
     base = base.to(args.device).eval()
     models: dict[str, Any] = {"sdpa": base}
     skipped: dict[str, str] = {}
@@ -140,15 +172,21 @@ def build_models(args: argparse.Namespace, dtype: torch.dtype) -> tuple[dict[str
             models["compile"] = torch.compile(base)
         except Exception as exc:  # noqa: BLE001 - reported, not fatal
             skipped["compile"] = f"{type(exc).__name__}: {exc}"
-    fast = copy.deepcopy(base)
-    FusedEncoderPass(cache_qkv=args.cache_qkv).apply(fast, None)
+    fast = AutoModel.from_pretrained(path, fastpath=fastpath_policy(args, dtype))  # and no further call on it
+    if fp.plan_of(fast) is None:
+        sys.exit("fused_encoder: from_pretrained(..., fastpath=...) returned a model without a plan")
     models["fastpath"] = fast
-    return models, skipped, base.config
+    route_model = None
+    if any(r for r in args.routes.split(",")):
+        route_model = copy.deepcopy(base)
+        FusedEncoderPass(cache_qkv=args.cache_qkv).apply(route_model, None)
+    return models, skipped, base.config, route_model
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
+    import transformers_fastpath as fp
     from transformers_fastpath.passes.fused_encoder import runtime_of
 
     if args.threads:
@@ -157,11 +195,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = getattr(torch, args.dtype or ("float16" if args.device == "cuda" else "float32"))
     repeats = args.repeats or (30 if args.device == "cuda" else 5)
     warmup = args.warmup if args.warmup is not None else (5 if args.device == "cuda" else 1)
-    models, skipped, config = build_models(args, dtype)
-    fast_runtime = runtime_of(models["fastpath"])
+    workdir = tempfile.TemporaryDirectory(prefix="fastpath-fused-encoder-")
+    models, skipped, config, route_model = build_models(args, dtype, Path(workdir.name))
+    fast = models["fastpath"]
+    plan = fp.plan_of(fast)
+    fast_device = str(next(fast.parameters()).device)
+    fast_dtype = str(next(fast.parameters()).dtype).replace("torch.", "")
+    if torch.device(fast_device).type != args.device:
+        print(f"note: the fastpath model runs on {fast_device} (its plan's placement), the baselines on "
+              f"{args.device}", flush=True)
+    runtimes = {"fastpath": runtime_of(fast)}
     forced = [r for r in args.routes.split(",") if r]
     variants: list[tuple[str, Any, str | None]] = [(name, m, None) for name, m in models.items()]
-    variants += [(f"fastpath-{r}", models["fastpath"], r) for r in forced]
+    variants += [(f"route-{r}", route_model, r) for r in forced]
+    for r in forced:
+        runtimes[f"route-{r}"] = runtime_of(route_model)
     timer = Timer(args.device)
     gen = torch.Generator().manual_seed(args.seed)
     rows: list[dict[str, Any]] = []
@@ -174,19 +222,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if tuple(lens.tolist()) in seen_lengths:  # batch 1 has one fill only
                 continue
             seen_lengths.add(tuple(lens.tolist()))
-            mask = (torch.arange(length)[None, :] < lens[:, None]).long().to(args.device)
-            ids = torch.randint(5, config.vocab_size, (batch, length), generator=gen).to(args.device)
-            keep = mask.bool()
+            mask_cpu = (torch.arange(length)[None, :] < lens[:, None]).long()
+            ids_cpu = torch.randint(5, config.vocab_size, (batch, length), generator=gen)
+            inputs = {}  # model device -> (ids, mask): every model gets the inputs where it runs
+            for _, model, _ in variants:
+                where = str(next(model.parameters()).device)
+                if where not in inputs:
+                    inputs[where] = (ids_cpu.to(where), mask_cpu.to(where))
+            keep = mask_cpu.bool()
             real_fill = float(keep.float().mean())
             outs: dict[str, torch.Tensor] = {}
             times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
             routes_seen: dict[str, dict[str, int]] = {}
             failed: dict[str, str] = {}
 
-            fast_model = models["fastpath"]
+            def call_of(name: str, model: Any, route: str | None) -> Any:
+                ids, mask = inputs[str(next(model.parameters()).device)]
+                return functools.partial(forward_once, model, ids, mask, runtimes.get(name), route)
+
             for name, model, route in variants:
-                call = functools.partial(forward_once, model, ids, mask,
-                                         fast_runtime if model is fast_model else None, route)
+                call = call_of(name, model, route)
                 try:
                     for _ in range(max(warmup, 1)):
                         outs[name] = call()
@@ -195,9 +250,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             live = [(n, m, r) for n, m, r in variants if n not in failed]
             for _ in range(repeats):
                 for name, model, route in live:  # interleaved: drift hits every variant alike
-                    runtime = fast_runtime if model is fast_model else None
+                    runtime = runtimes.get(name)
                     before = dict(runtime.stats) if runtime is not None else {}
-                    times[name].append(timer(functools.partial(forward_once, model, ids, mask, runtime, route)))
+                    times[name].append(timer(call_of(name, model, route)))
                     if runtime is not None:
                         for key, count in runtime.stats.items():
                             if count != before.get(key, 0):
@@ -216,7 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row.update(median_ms=round(ms, 4), ratio_to_default=round(base_ms / ms, 3),
                                min_ms=round(min(times[name]), 4))
                     if ref is not None and name in outs:
-                        diff = (outs[name].float() - ref.float())[keep].abs().max().item()
+                        diff = (outs[name].float().cpu() - ref.float().cpu())[keep].abs().max().item()
                         row["max_abs_diff_real_tokens"] = diff
                     if name in routes_seen:
                         row["routes"] = routes_seen[name]
@@ -225,6 +280,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                f"diff {row.get('max_abs_diff_real_tokens', float('nan')):.2e}  "
                                                f"{row.get('routes', '')}")
                 print(f"{batch:>3}x{length:<4} fill {real_fill:4.2f}  {name:<18} {shown}", flush=True)
+
+    workdir.cleanup()
 
     if args.device == "cuda":
         device_name = torch.cuda.get_device_name(0)
@@ -246,6 +303,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "repeats": repeats,
         "warmup": warmup,
         "cache_qkv": args.cache_qkv,
+        "fastpath": {"created_by": f"AutoModel.from_pretrained(checkpoint, fastpath={fastpath_policy(args, dtype)!r})",
+                     "device": fast_device, "dtype": fast_dtype,
+                     "settings": {k: plan.settings[k].value for k in ("device", "dtype", "attn_implementation",
+                                                                       "encoder_fastpath") if k in plan.settings},
+                     "passes": {p.name: p.status for p in plan.passes}},
         "skipped_variants": skipped,
         "note": args.note,
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),

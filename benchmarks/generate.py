@@ -1,8 +1,16 @@
 """Benchmark fastpath generate (static bucketed KV cache + transformers' compile) against default generate.
 
-Same weights, same prompts, one process: the default ``model.generate`` is measured first, then
-fastpath is applied to the same model (``fp.apply``, the plan for this machine) and measured
-again. Per batch size and variant it reports:
+Same weights, same prompts, one process. The random weights are saved once as a checkpoint
+(in ``--dtype``) and each variant loads it the way its user would:
+
+* ``default``  -- ``AutoModelForCausalLM.from_pretrained(path, dtype=--dtype)``, moved to
+  ``--device`` by hand; transformers' ``generate`` with its default dynamic cache;
+* ``fastpath`` -- ``from_pretrained(path, fastpath=policy)`` and nothing else: not moved, not
+  applied again. The policy pins ``dtype`` to ``--dtype`` (so both variants run the same
+  weights), ``device`` when ``--device`` is given, and ``compile`` / ``static_cache`` when asked;
+  everything else is the plan for this machine. Prompts go to ``model.device``.
+
+Per batch size and variant it reports:
 
 * steady-state tokens/s: median over ``--repeats`` full calls after warm-up;
 * time to first token: median of ``generate(max_new_tokens=1)`` (prefill + first token);
@@ -33,6 +41,7 @@ import logging
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke check: tiny config, fp32, static cache forced on, few tokens")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--device", default=None,
+                   help="default: cuda when available, else cpu (given: also pinned in the fastpath policy)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,16; tiny 1,4)")
@@ -69,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = p.parse_args(argv)
+    args.device_given = args.device is not None
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") and not args.tiny else "float32")
     args.batches = [int(b) for b in (args.batches or ("1,4" if args.tiny else "1,16")).split(",")]
@@ -82,12 +93,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    """A Llama-shape model with random weights, built directly on the device in the chosen dtype."""
+def save_checkpoint(args: argparse.Namespace, directory: Path) -> Path:
+    """A Llama-shape checkpoint with random weights in ``--dtype``, saved to ``directory`` (no end-of-sequence
+    token, so every call generates exactly ``--new-tokens``). Built on the device, then freed."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = TINY if args.tiny else LLAMA_085B
-    config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0, architectures=["LlamaForCausalLM"])
+    config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=None, pad_token_id=0,
+                         architectures=["LlamaForCausalLM"])
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
     previous = torch.get_default_dtype()
@@ -97,12 +110,38 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    model.generation_config.eos_token_id = None  # no early stop: every call generates exactly --new-tokens
-    return model.eval()
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(directory)
+    del model
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return directory
+
+
+def load_default(path: Path, args: argparse.Namespace) -> torch.nn.Module:
+    """The baseline: plain transformers in ``--dtype``, moved to ``--device`` by hand (as its user does)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype), fastpath=False).to(args.device)
+
+
+def load_fastpath(path: Path, args: argparse.Namespace) -> torch.nn.Module:
+    """The fastpath variant: ``from_pretrained(path, fastpath=policy)`` and no further call on the model."""
+    from transformers import AutoModelForCausalLM
+
+    import transformers_fastpath as fp
+
+    model = AutoModelForCausalLM.from_pretrained(path, fastpath=fastpath_policy(args))
+    if fp.plan_of(model) is None:
+        sys.exit("generate: from_pretrained(..., fastpath=...) was not intercepted: the .pth bootstrap is not "
+                 "installed in this interpreter's site-packages (see benchmarks/gpu_env.sh)")
+    return model
 
 
 def fastpath_policy(args: argparse.Namespace) -> dict[str, Any]:
-    defaults: dict[str, Any] = {}
+    defaults: dict[str, Any] = {"dtype": args.dtype}  # the same weights as the default variant
+    if args.device_given:
+        defaults["device"] = args.device
     if args.tiny:
         defaults["static_cache"] = True  # the GPU path, forced on the CPU
     if args.compile != "auto":
@@ -124,7 +163,11 @@ def _timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
 
 
 def measure(model: torch.nn.Module, prompts: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
-    """First call, warm-up, steady full calls and time-to-first-token calls for one variant and batch."""
+    """First call, warm-up, steady full calls and time-to-first-token calls for one variant and batch.
+
+    ``prompts`` go to the model's device (the fastpath model is wherever its plan put it)."""
+    device = str(model.device)
+    prompts = prompts.to(model.device)
     mask = torch.ones_like(prompts)
 
     def run(new_tokens: int) -> torch.Tensor:
@@ -132,17 +175,19 @@ def measure(model: torch.nn.Module, prompts: torch.Tensor, args: argparse.Namesp
             return model.generate(prompts, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                                   pad_token_id=0)
 
-    first_s, output = _timed(lambda: run(args.new_tokens), args.device)
+    first_s, output = _timed(lambda: run(args.new_tokens), device)
     for _ in range(args.warmup):
         run(args.new_tokens)
     run(1)  # warm the first-token path too
-    full = [_timed(lambda: run(args.new_tokens), args.device)[0] for _ in range(args.repeats)]
-    first_token = [_timed(lambda: run(1), args.device)[0] for _ in range(args.repeats)]
+    full = [_timed(lambda: run(args.new_tokens), device)[0] for _ in range(args.repeats)]
+    first_token = [_timed(lambda: run(1), device)[0] for _ in range(args.repeats)]
     steady_s = statistics.median(full)
     ttft_s = statistics.median(first_token)
     batch = prompts.shape[0]
     return {
         "batch": batch,
+        "device": device,
+        "dtype": str(model.dtype).replace("torch.", ""),
         "tokens_per_s": batch * args.new_tokens / steady_s,
         "steady_s": steady_s,
         "ttft_ms": ttft_s * 1e3,
@@ -206,22 +251,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.tiny:
         torch.set_num_threads(1)  # a tiny model runs fastest, and steadiest, on one thread
-    model = build_model(args)
     generator = torch.Generator().manual_seed(args.seed)
-    vocab = model.config.vocab_size
-    prompts = {b: torch.randint(3, vocab, (b, args.prompt_len), generator=generator).to(args.device)
-               for b in args.batches}
+    vocab = (TINY if args.tiny else LLAMA_085B)["vocab_size"]
+    prompts = {b: torch.randint(3, vocab, (b, args.prompt_len), generator=generator) for b in args.batches}
 
     rows: list[dict[str, Any]] = []
     outputs: dict[tuple[str, int], torch.Tensor] = {}
-    for batch in args.batches:
-        logger.info("default generate, batch %d ...", batch)
-        row = measure(model, prompts[batch], args)
-        outputs[("default", batch)] = row.pop("_output")
-        rows.append({"variant": "default", **row})
+    with tempfile.TemporaryDirectory(prefix="fastpath-generate-") as tmp:
+        path = save_checkpoint(args, Path(tmp))
+        model = load_default(path, args)
+        for batch in args.batches:
+            logger.info("default generate, batch %d ...", batch)
+            row = measure(model, prompts[batch], args)
+            outputs[("default", batch)] = row.pop("_output")
+            rows.append({"variant": "default", **row})
+        del model
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
-    fp.apply(model, fastpath_policy(args), task="text-generation")
-    plan = fp.plan_of(model)
+        model = load_fastpath(path, args)
+    logger.info("fastpath model on %s, %s", model.device, model.dtype)
     for batch in args.batches:
         logger.info("fastpath generate, batch %d ...", batch)
         row = measure(model, prompts[batch], args)
@@ -251,8 +300,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "request": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
                     "warmup": args.warmup, "greedy": True},
         "policy": fastpath_policy(args),
-        "plan": {"settings": {k: plan.to_dict()["settings"][k]
-                              for k in ("attn_implementation", "sdpa_backends", "static_cache", "compile", "decode_loop")},
+        "plan": {"settings": {k: plan.to_dict()["settings"].get(k)
+                              for k in ("device", "dtype", "attn_implementation", "sdpa_backends", "static_cache",
+                                        "compile", "decode_loop")},
                  "passes": [p.to_dict() for p in plan.passes], "notes": list(plan.notes)},
         "weight_streaming": streaming,
         "rows": rows,
@@ -269,15 +319,16 @@ def render(report: dict[str, Any]) -> str:
     lines = [f"{report['device']} | torch {report['versions']['torch']} | transformers "
              f"{report['versions']['transformers']} | {report['model']['shape']} {report['model']['dtype']} | "
              f"prompt {report['request']['prompt_len']}, {report['request']['new_tokens']} new tokens"]
-    header = f"{'variant':<9} {'batch':>5} {'tok/s':>9} {'ttft ms':>8} {'decode ms/tok':>13} {'one-time s':>10} " \
-             f"{'speedup':>7}  match"
+    header = f"{'variant':<9} {'device':<7} {'batch':>5} {'tok/s':>9} {'ttft ms':>8} {'decode ms/tok':>13} " \
+             f"{'one-time s':>10} {'speedup':>7}  match"
     lines += [header, "-" * len(header)]
     for row in report["rows"]:
         match = row.get("match_vs_default")
         shown = "" if match is None else ("identical" if match["identical"]
                                           else f"{match['matching_fraction']:.1%} tokens")
         speedup = f"{row['speedup_tokens_per_s']:.2f}x" if "speedup_tokens_per_s" in row else ""
-        lines.append(f"{row['variant']:<9} {row['batch']:>5} {row['tokens_per_s']:>9.1f} {row['ttft_ms']:>8.1f} "
+        lines.append(f"{row['variant']:<9} {row.get('device', '?'):<7} {row['batch']:>5} {row['tokens_per_s']:>9.1f} "
+                     f"{row['ttft_ms']:>8.1f} "
                      f"{row['decode_ms_per_token']:>13.2f} {row['one_time_cost_s']:>10.1f} {speedup:>7}  {shown}")
     ws = report["weight_streaming"]
     size = f"{ws['weight_bytes'] / 1e9:.2f} GB" if ws["weight_bytes"] >= 1e8 else f"{ws['weight_bytes'] / 1e6:.2f} MB"

@@ -4,8 +4,12 @@ Modes (``--mode``, default ``replicas,sharded``):
 
 * ``replicas`` -- a BERT-base text-classification pipeline over 8,000 texts: ``placement =
   "single"`` (one GPU) vs ``placement = "replicate"`` (one replica per GPU, list split between
-  them), timed turn about in one process. Throughput (texts/s), the ratio, each replica's time
-  on its shard alone, and whether labels agree.
+  them), timed turn about in one process. Both are ``pipeline(..., fastpath=policy)`` with no
+  further call on the pipeline. Throughput (texts/s), the ratio, each replica's time on its
+  shard alone, and whether labels agree. ``--workers processes|threads`` adds a diagnostic
+  variant, ``replicate-<workers>-by-hand``: the same call with its replicas rebuilt by hand
+  (``enable_replicas``) on that kind of worker. With ``--tiny`` (no GPUs) the replica code runs
+  on two CPU copies enabled by hand (``replicate-by-hand``): a smoke check, not a measurement.
 * ``sharded`` -- the 0.85B Llama shape forced not to fit one GPU's budget: ``memory_headroom``
   is set so one GPU's budget is 75 % of the weights, the policy then picks ``balanced`` and
   passes ``device_map="balanced"`` with ``max_memory``; the sharded model's logits and greedy
@@ -15,6 +19,10 @@ Modes (``--mode``, default ``replicas,sharded``):
 * ``tp`` -- generate latency of the 0.85B Llama at batch 1 and 16 (prompt 128, 128 new tokens).
   Run it twice: plainly (one GPU, the baseline) and under ``torchrun --nproc-per-node 2`` (the
   policy's ``placement = auto`` picks tensor parallel); rank 0 writes the JSON.
+
+Every fastpath model here comes from ``from_pretrained`` / ``pipeline`` under the policy
+(``fp.enabled(policy)`` or ``fastpath=policy``) and runs where its plan put it: it is never
+moved by hand; inputs go to ``model.device``. The report records each one's device.
 
 Two GPUs::
 
@@ -154,21 +162,41 @@ def bench_replicas(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     path = str(make_bert(args, tmp / "bert"))
     inputs = texts(args.texts)
     results: dict[str, Any] = {"texts": len(inputs), "batch_size": args.batch_size}
-    pipes, plans = {}, {}
-    for variant in ("single", "replicate"):
-        placement = "single" if args.tiny else variant
+    pipes, plans, built_by = {}, {}, {}
+
+    def entry_point(placement: str) -> tuple[Any, Any, str]:
+        """The pipeline as its user builds it: pipeline(..., fastpath=policy) and no further call on it."""
         policy = {"defaults": {"placement": placement, "batch_size": args.batch_size, "encoder_fastpath": False}}
-        pipes[variant] = pipe = transformers.pipeline("text-classification", model=path, fastpath=policy)
-        plans[variant] = plan = fp.plan_of(pipe)
+        pipe = transformers.pipeline("text-classification", model=path, fastpath=policy)
+        plan = fp.plan_of(pipe)
         if plan is None:
             sys.exit("multi_gpu: pipeline(..., fastpath=...) was not intercepted: the .pth bootstrap is not "
                      "installed in this interpreter's site-packages (see benchmarks/gpu_env.sh)")
-    if args.tiny:  # two CPU copies stand in for two GPUs
-        enable_replicas(pipes["replicate"], ["cpu", "cpu"], plan=plans["replicate"], workers=args.workers)
-    elif args.workers != "auto":
-        devices = [str(getattr(r, "device", "cuda:0")) for r in replicas_of(pipes["replicate"])]
-        disable_replicas(pipes["replicate"])
-        enable_replicas(pipes["replicate"], devices, plan=plans["replicate"], workers=args.workers)
+        return pipe, plan, f"pipeline('text-classification', model=path, fastpath={policy!r})"
+
+    pipes["single"], plans["single"], built_by["single"] = entry_point("single")
+    if args.tiny:
+        # No GPUs: the replica code runs on two CPU copies set up by hand with enable_replicas. A smoke
+        # check of that code, not a measurement of an entry point (no policy puts replicas on a CPU).
+        main_variant = "replicate-by-hand"
+        pipe, plan, how = entry_point("single")
+        enable_replicas(pipe, ["cpu", "cpu"], plan=plan, workers=args.workers)
+        pipes[main_variant], plans[main_variant] = pipe, plan
+        built_by[main_variant] = f"{how} + enable_replicas(pipe, ['cpu', 'cpu'], workers={args.workers!r}) by hand"
+    else:
+        main_variant = "replicate"
+        pipes["replicate"], plans["replicate"], built_by["replicate"] = entry_point("replicate")
+        if args.workers != "auto":
+            # A diagnostic of the worker kind, beside the entry point's own pipeline: the same call,
+            # its replicas then rebuilt by hand with the workers asked for.
+            name = f"replicate-{args.workers}-by-hand"
+            pipe, plan, how = entry_point("replicate")
+            devices = [str(getattr(r, "device", "cuda:0")) for r in replicas_of(pipe)]
+            disable_replicas(pipe)
+            enable_replicas(pipe, devices, plan=plan, workers=args.workers)
+            pipes[name], plans[name] = pipe, plan
+            built_by[name] = f"{how}, replicas rebuilt by hand: enable_replicas(pipe, {devices!r}, " \
+                             f"workers={args.workers!r})"
     outputs = {variant: pipe(inputs) for variant, pipe in pipes.items()}  # warm-up: a full pass each
     times: dict[str, list[float]] = {variant: [] for variant in pipes}
     for _ in range(args.repeats):  # interleaved, so that a noisy host weighs on both alike
@@ -195,14 +223,18 @@ def bench_replicas(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             sync()
             alone.append({"replica": repr(replica)[:60], "inputs": len(shard), "seconds": time.perf_counter() - start})
         plan = plans[variant]
-        results[variant] = {"placement": plan["placement"], "placement_reason": plan.settings["placement"].reason,
+        results[variant] = {"built_by": built_by[variant], "device": str(pipe.device),
+                            "placement": plan["placement"], "placement_reason": plan.settings["placement"].reason,
                             "replicas": len(replicas) or 1, "workers": args.workers if replicas else None,
                             "seconds": times[variant], "each_replica_alone": alone,
                             "texts_per_s": len(inputs) / statistics.median(times[variant])}
-    results["throughput_ratio"] = results["replicate"]["texts_per_s"] / results["single"]["texts_per_s"]
-    same = [a["label"] == b["label"] for a, b in zip(outputs["single"], outputs["replicate"])]
+    for variant in pipes:
+        results[variant]["throughput_vs_single"] = results[variant]["texts_per_s"] / results["single"]["texts_per_s"]
+    results["throughput_ratio"] = results[main_variant]["throughput_vs_single"]
+    same = [a["label"] == b["label"] for a, b in zip(outputs["single"], outputs[main_variant])]
     results["labels_agree"] = sum(same) / len(same)
-    results["max_score_diff"] = max(abs(a["score"] - b["score"]) for a, b in zip(outputs["single"], outputs["replicate"]))
+    results["max_score_diff"] = max(abs(a["score"] - b["score"])
+                                    for a, b in zip(outputs["single"], outputs[main_variant]))
     for pipe in pipes.values():
         disable_replicas(pipe)
     return results
@@ -241,19 +273,20 @@ def bench_sharded(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 32000 if not args.tiny else 1000, (4, args.prompt_len), generator=gen)
     if reference_policy is None:
-        single = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda:0").eval()
+        single = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda:0")  # moved by hand
     else:
         with fp.enabled(reference_policy):
-            single = AutoModelForCausalLM.from_pretrained(path).eval()
+            single = AutoModelForCausalLM.from_pretrained(path)
+    single_device = single.device
     with torch.inference_mode():
-        ref_logits = single(ids.to("cuda:0")).logits.float().cpu()
-        ref_tokens = single.generate(ids.to("cuda:0"), max_new_tokens=16, do_sample=False, pad_token_id=0).cpu()
+        ref_logits = single(ids.to(single_device)).logits.float().cpu()
+        ref_tokens = single.generate(ids.to(single_device), max_new_tokens=16, do_sample=False, pad_token_id=0).cpu()
     del single
     torch.cuda.empty_cache()
     with fp.enabled(policy):
-        sharded = AutoModelForCausalLM.from_pretrained(path).eval()
+        sharded = AutoModelForCausalLM.from_pretrained(path)  # and no further call on it
     plan = fp.plan_of(sharded)
-    first = next(sharded.parameters()).device
+    first = sharded.device
     with torch.inference_mode():
         logits = sharded(ids.to(first)).logits.float().cpu()
         tokens = sharded.generate(ids.to(first), max_new_tokens=16, do_sample=False, pad_token_id=0).cpu()
@@ -270,6 +303,7 @@ def bench_sharded(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         passes={p.name: p.status for p in plan.passes},
         load_kwargs={k: str(v) for k, v in plan.load_kwargs.items()},
         devices=sorted({str(d) for d in getattr(sharded, "hf_device_map", {}).values()}),
+        reference_device=str(single_device),
         memory_per_gpu_bytes=[torch.cuda.memory_allocated(i) for i in range(gpus)],
         max_abs_logit_diff=float((logits - ref_logits).abs().max()),
         tokens_equal=bool(torch.equal(tokens, ref_tokens)),
@@ -297,12 +331,9 @@ def bench_tp(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                            # a bare from_pretrained (no pipeline task) gets tensor parallel only when asked
                            "placement": "tensor-parallel" if world > 1 else "single"}}
     with fp.enabled(policy):
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        model = AutoModelForCausalLM.from_pretrained(path)  # and no further call on it: it runs where the plan put it
     plan = fp.plan_of(model)
-    device = next(model.parameters()).device
-    if on_gpu and device.type != "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        model.to(device)
+    device = model.device  # the prompts go there
     runs = []
     for batch in args.batches:
         gen = torch.Generator().manual_seed(batch)
@@ -320,7 +351,8 @@ def bench_tp(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         runs.append({"batch": batch, "seconds": times, "median_s": statistics.median(times),
                      "tokens_per_s": batch * args.new_tokens / statistics.median(times),
                      "first_tokens": out[0, args.prompt_len:args.prompt_len + 8].tolist()})
-    return {"world_size": world, "placement": plan["placement"], "placement_reason": plan.settings["placement"].reason,
+    return {"world_size": world, "device": str(device), "placement": plan["placement"],
+            "placement_reason": plan.settings["placement"].reason,
             "load_kwargs": sorted(plan.load_kwargs), "runs": runs}
 
 

@@ -1,6 +1,11 @@
-"""Where does batch-1 decode time go? Variants of generate on one model, side by side (diagnostic).
+"""Where does batch-1 decode time go? Variants of generate on one checkpoint, side by side (diagnostic).
 
     python benchmarks/probe_decode.py            # 0.85B Llama shape, bf16, prompt 128, 128 new tokens
+
+The random weights are saved once as a bf16 checkpoint. The transformers rows (default,
+``cache_implementation="static"``, the lean loop) run on ``from_pretrained(path)`` moved to the
+GPU by hand; the fastpath rows each load ``from_pretrained(path, fastpath=...)`` and make no
+further call on the model (it runs where its plan put it; the prompt goes to ``model.device``).
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ import json
 import pstats
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -19,19 +26,23 @@ sys.path.insert(0, "benchmarks")
 from generate import LLAMA_085B  # noqa: E402
 
 
-def build(dtype: torch.dtype) -> torch.nn.Module:
+def save_checkpoint(directory: Path) -> Path:
+    """Random weights of the 0.85B Llama shape in bf16, no end-of-sequence token (every call makes 128 tokens)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**LLAMA_085B, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    config = LlamaConfig(**LLAMA_085B, bos_token_id=1, eos_token_id=None, pad_token_id=0,
                          architectures=["LlamaForCausalLM"])
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config)
     torch.set_default_dtype(previous)
     model.generation_config.eos_token_id = None
-    return model.eval()
+    model.save_pretrained(directory)
+    del model
+    torch.cuda.empty_cache()
+    return directory
 
 
 def timed(fn, repeats: int = 3) -> dict:
@@ -51,43 +62,35 @@ def timed(fn, repeats: int = 3) -> dict:
 
 
 def main() -> None:
-    import transformers_fastpath as fp
-    from transformers import CompileConfig
-
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     import transformers
-    results["transformers"] = transformers.__version__
-    model = build(torch.bfloat16)
-    ids = torch.randint(3, 32000, (1, 128), generator=torch.Generator().manual_seed(0)).cuda()
-    mask = torch.ones_like(ids)
+    from transformers import AutoModelForCausalLM, CompileConfig
+
+    import transformers_fastpath as fp
+
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                     "transformers": transformers.__version__}
+    tmp = tempfile.TemporaryDirectory(prefix="fastpath-probe-decode-")
+    path = save_checkpoint(Path(tmp.name))
+    ids_cpu = torch.randint(3, 32000, (1, 128), generator=torch.Generator().manual_seed(0))
     new = 128
 
-    def gen(**kw):
+    def gen_on(model, **kw):
+        ids = ids_cpu.to(model.device)
         with torch.inference_mode():
-            return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0, **kw)
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                                  pad_token_id=0, **kw)
 
     rows = {}
-    rows["default"] = timed(lambda: gen())
-    rows["hf_static"] = timed(lambda: gen(cache_implementation="static"))
-    rows["hf_static_fullgraph"] = timed(lambda: gen(cache_implementation="static",
-                                                    compile_config=CompileConfig(fullgraph=True)))
-    fp.apply(model, {}, task="text-generation")
-    rows["fastpath"] = timed(lambda: gen())
-    prof = cProfile.Profile()
-    prof.enable()
-    gen()
-    torch.cuda.synchronize()
-    prof.disable()
-    s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
-    results["fastpath_profile"] = s.getvalue()[-6000:]
-    fp.revert(model)
-    fp.apply(model, {"defaults": {"sdpa_backends": ["flash", "efficient", "math"]}}, task="text-generation")
-    rows["fastpath_flash_first"] = timed(lambda: gen())
-    fp.revert(model)
+    model = AutoModelForCausalLM.from_pretrained(path, fastpath=False).to("cuda")  # the baseline, moved by hand
+    rows["default"] = timed(lambda: gen_on(model))
+    rows["hf_static"] = timed(lambda: gen_on(model, cache_implementation="static"))
+    rows["hf_static_fullgraph"] = timed(lambda: gen_on(model, cache_implementation="static",
+                                                       compile_config=CompileConfig(fullgraph=True)))
     # the decode step alone: one compiled forward per token, no generate loop (the floor we could reach)
     from transformers import StaticCache
+    step = None
     try:
+        ids = ids_cpu.to("cuda")
         cache = StaticCache(config=model.config, max_cache_len=256)
         step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
         pos = torch.arange(128, device="cuda")
@@ -107,6 +110,31 @@ def main() -> None:
         rows["lean_loop"] = timed(loop)
     except Exception as exc:  # diagnostic only
         results["lean_loop_error"] = f"{type(exc).__name__}: {exc}"[:500]
+    del model, step
+    torch.cuda.empty_cache()
+
+    fast = AutoModelForCausalLM.from_pretrained(path, fastpath=True)  # and nothing else
+    if fp.plan_of(fast) is None:
+        sys.exit("probe_decode: from_pretrained(..., fastpath=True) was not intercepted: the .pth bootstrap is not "
+                 "installed in this interpreter's site-packages (see benchmarks/gpu_env.sh)")
+    results["fastpath_device"] = str(fast.device)
+    rows["fastpath"] = timed(lambda: gen_on(fast))
+    prof = cProfile.Profile()
+    prof.enable()
+    gen_on(fast)
+    torch.cuda.synchronize()
+    prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
+    results["fastpath_profile"] = s.getvalue()[-6000:]
+    del fast
+    torch.cuda.empty_cache()
+    fast = AutoModelForCausalLM.from_pretrained(
+        path, fastpath={"defaults": {"sdpa_backends": ["flash", "efficient", "math"]}})
+    results["fastpath_flash_first_device"] = str(fast.device)
+    rows["fastpath_flash_first"] = timed(lambda: gen_on(fast))
+    del fast
+    tmp.cleanup()
     ref = rows["default"]["out"][:, 128:]
     for name, row in rows.items():
         out = row.pop("out")

@@ -5,7 +5,9 @@ For each variant the same checkpoint (random weights of the 0.85B Llama shape: h
 ``from_pretrained`` with a fastpath policy ``quantization = <method>`` (and
 ``quantization_fallback = "error"``, so a method that cannot run is reported as skipped with
 its reason, never silently timed unquantized). Generation settings are held fixed across
-variants (``compile = false``, ``static_cache = false``, sdpa) so only the weights differ.
+variants (``compile = false``, ``static_cache = false``, sdpa) so only the weights differ. The
+policy names the device (``device = "cuda:0"`` on a GPU); the model is used as ``from_pretrained``
+returns it, never moved by hand (the prompts go to its device, which the report records).
 
 Reported per variant: ``model.get_memory_footprint()``, ``torch.cuda.max_memory_allocated``
 (load + generation peak), and greedy-generation tokens/s at each batch size (prompt 128 tokens,
@@ -145,12 +147,10 @@ def run_variant(name: str, path: Path, args: argparse.Namespace) -> dict[str, An
         return {"variant": name, "skipped": f"{exc.reason} (fix: {exc.fix})"}
     except ImportError as exc:
         return {"variant": name, "skipped": f"{type(exc).__name__}: {exc}"}
-    plan = fp.plan_of(model)
-    if args.device == "cuda" and next(model.parameters()).device.type != "cuda":
-        model.to("cuda:0")  # unquantized loads stay on the CPU without a device_map
-    model.eval()
+    plan = fp.plan_of(model)  # the model is used as from_pretrained returned it: never moved by hand
     result: dict[str, Any] = {
         "variant": name,
+        "device": str(model.device),
         "quantization": plan["quantization"] if plan else None,
         "plan_reason": plan.settings["quantization"].reason if plan else None,
         "footprint_bytes": int(model.get_memory_footprint()),

@@ -204,11 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser(
-        "bench", help="time named workloads: transformers default vs expert settings vs compile vs fastpath",
+        "bench", help="time named workloads: transformers default vs expert settings vs compile (where it applies) "
+                      "vs fastpath",
         description="Run workloads with the variants default (transformers out of the box), expert (hand-set "
-                    "device, dtype, batch size, sdpa), compile (expert + torch.compile) and fastpath, interleaved in "
-                    "one process; report medians, speed-ups vs default and vs expert, peak memory, versions and a "
-                    "correctness check against default.")
+                    "device, dtype, batch size, sdpa), compile and fastpath (pipeline(..., fastpath=True), "
+                    "from_pretrained(..., fastpath=True) or FastpathCallback, with no further calls on the model), "
+                    "interleaved in one process; report medians, speed-ups vs default and vs expert, peak memory, "
+                    "versions and a correctness check against default. compile is the expert plus: torch.compile "
+                    "of the encoder's forward (encoder-latency, encoder-padded; not with --quick on a CPU); "
+                    "transformers' cache_implementation='static', which compiles the decode step (generate, "
+                    "quantized-generate; GPU only: transformers compiles generate only on accelerators); "
+                    "TrainingArguments(torch_compile=True) (trainer-step; GPU only). The pipeline workloads "
+                    "(feature-extraction, pipeline-text-classification, multi-gpu-pipeline) have no compile "
+                    "variant: each batch is padded to another shape, so a compiled forward would recompile or run "
+                    "dynamic shapes; the report says why a variant is left out.")
     p.add_argument("workloads", nargs="*", metavar="WORKLOAD",
                    help="workload names, or 'all' (default: feature-extraction); see --list")
     p.add_argument("--all", action="store_true", help="run every workload (same as the name 'all')")

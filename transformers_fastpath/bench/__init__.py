@@ -8,11 +8,18 @@ Variants (what each means exactly, per workload and machine, is written into eve
   as anyone with a GPU does (transformers 5 pipelines go to the first GPU by themselves);
 * ``expert``   -- what an expert sets by hand: the device, fp16/bf16 on a GPU, a batch size,
   ``attn_implementation="sdpa"`` (and mixed precision for training);
-* ``compile``  -- the expert's settings plus ``torch.compile`` where it applies (the encoder's
-  forward; static cache + compile for ``generate``; ``torch_compile=True`` for the Trainer),
-  omitted with a reason where it does not;
-* ``fastpath`` -- the default code plus the plugin: ``pipeline(..., fastpath=True)``,
-  ``from_pretrained(..., fastpath=True)``, ``FastpathCallback()``.
+* ``compile``  -- the expert's settings plus the compiler its user would reach for:
+  ``torch.compile`` of the encoder's forward (``encoder-latency``, ``encoder-padded``: the fp16
+  model on a GPU), transformers' own ``cache_implementation="static"``, which compiles the decode
+  step (``generate``, ``quantized-generate``), ``TrainingArguments(torch_compile=True)``
+  (``trainer-step``). Omitted, with the reason in the report, for the pipeline workloads
+  (``feature-extraction``, ``pipeline-text-classification``, ``multi-gpu-pipeline``: each batch
+  is padded to another shape), on a CPU for ``generate`` and ``trainer-step``, and with
+  ``--quick`` on a CPU for the encoders;
+* ``fastpath`` -- the default code plus the plugin, through a user entry point and nothing else:
+  ``pipeline(..., fastpath=True)``, ``from_pretrained(..., fastpath=True)`` (or a policy given as
+  ``fastpath=``), ``FastpathCallback()``. The model is never moved or applied again by hand: it
+  runs where the plan put it, and the inputs are sent to ``model.device``.
 
 Reports carry medians over the rounds, speed-ups against ``default`` and ``expert``, peak memory
 per variant, the device, library versions, the date, and a correctness check of every

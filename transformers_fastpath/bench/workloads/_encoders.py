@@ -41,25 +41,31 @@ def run_encoder(bench: Bench, *, batch: int, length: int, fill: float, calls: in
 
     def load(fastpath: bool, **kwargs: Any) -> Any:
         with quiet_transformers():
-            model = AutoModel.from_pretrained(path, fastpath=fastpath, **kwargs)
-        return model.to(device).eval()
+            return AutoModel.from_pretrained(path, fastpath=fastpath, **kwargs)
+
+    def placed(**kwargs: Any) -> Any:
+        """A baseline, moved to the device by hand as its user would (from_pretrained returns it in eval mode)."""
+        return load(False, **kwargs).to(device)
 
     def compiled() -> Any:
-        model = load(False, dtype=half, attn_implementation="sdpa")
+        model = placed(dtype=half, attn_implementation="sdpa")
         model.forward = torch.compile(model.forward)
         return model
 
     bench.define("default", f"AutoModel.from_pretrained(path) with no settings (the checkpoint's float32, "
-                            f"transformers' default attention), moved to {device}")
-    bench.define("expert", f"from_pretrained(path, dtype={half_name}, attn_implementation='sdpa') on {device}"
+                            f"transformers' default attention), moved to {device} by hand")
+    bench.define("expert", f"from_pretrained(path, dtype={half_name}, attn_implementation='sdpa'), moved to {device}"
                  + ("" if bench.on_gpu else " (float32: half precision is slow on CPUs)"))
-    bench.define("compile", "expert + model.forward = torch.compile(model.forward) (inductor, default mode)")
-    bench.define("fastpath", f"AutoModel.from_pretrained(path, fastpath=True), moved to {device}")
+    bench.define("compile", f"expert + model.forward = torch.compile(model.forward) (inductor, default mode): "
+                            f"torch.compile of the {half_name} sdpa model")
+    bench.define("fastpath", "AutoModel.from_pretrained(path, fastpath=True) and nothing else: not moved, not "
+                             "applied again; the plan picks device, dtype, attention and fused encoder (the inputs "
+                             "go to model.device)")
     if bench.quick and not bench.on_gpu:
         bench.omit("compile", "--quick on a CPU: inductor takes tens of seconds to compile the encoder")
     models = {
-        "default": bench.build("default", lambda: load(False)),
-        "expert": bench.build("expert", lambda: load(False, dtype=half, attn_implementation="sdpa")),
+        "default": bench.build("default", lambda: placed()),
+        "expert": bench.build("expert", lambda: placed(dtype=half, attn_implementation="sdpa")),
         "compile": bench.build("compile", compiled),
         "fastpath": bench.build("fastpath", lambda: load(True)),
     }
@@ -67,14 +73,16 @@ def run_encoder(bench: Bench, *, batch: int, length: int, fill: float, calls: in
     lengths = draw_lengths(batch, length, fill, seed=0)
     vocab = getattr(next(iter(models.values())).config, "vocab_size", BERT_VOCAB) if models else BERT_VOCAB
     ids, mask = random_batch(vocab, lengths, length, seed=0)
-    ids, mask = ids.to(device), mask.to(device)
     dtypes = {k: dtype_name(m) for k, m in models.items()}
+    devices = {k: str(m.device) for k, m in models.items()}
 
     def forward(model: Any) -> Any:
+        ids_here, mask_here = ids.to(model.device), mask.to(model.device)  # inputs go where the model is
+
         def run() -> Any:
             with torch.inference_mode():
                 for _ in range(calls):
-                    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+                    out = model(input_ids=ids_here, attention_mask=mask_here).last_hidden_state
             return out
 
         return run
@@ -84,7 +92,8 @@ def run_encoder(bench: Bench, *, batch: int, length: int, fill: float, calls: in
 
     real_fill = sum(lengths) / (batch * length)
     bench.config.update(model=what, batch=batch, length=length, target_fill=fill, fill=round(real_fill, 4),
-                        dtypes=dtypes, fastpath_plan=plan_summary(models["fastpath"]) if "fastpath" in models else None)
+                        dtypes=dtypes, devices=devices,
+                        fastpath_plan=plan_summary(models["fastpath"]) if "fastpath" in models else None)
     bench.measure(f"{batch}x{length} fill {real_fill:.0%}", {k: Variant(forward(m)) for k, m in models.items()},
                   check=check, params={"batch": batch, "length": length, "fill": round(real_fill, 4)}, calls=calls,
                   work=sum(lengths), work_unit="tokens")

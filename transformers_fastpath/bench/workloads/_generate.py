@@ -37,16 +37,23 @@ def llama_setup(bench: Bench) -> Setup:
     return Setup(bench)
 
 
-def load_causal(path: str, device: str, *, fastpath: Any, move: bool = True, **kwargs: Any) -> Any:
-    """``AutoModelForCausalLM.from_pretrained(path, fastpath=..., **kwargs)``, on ``device``, in eval mode."""
+def load_causal(path: str, device: str, *, fastpath: Any, **kwargs: Any) -> Any:
+    """``AutoModelForCausalLM.from_pretrained(path, fastpath=..., **kwargs)``, as its user would get it.
+
+    With ``fastpath`` (True or a policy) the model is returned exactly as ``from_pretrained`` gives it:
+    not moved, not applied again (the plan decides where it runs). Without it (a baseline) a model
+    that did not land on ``device`` is moved there by hand, as a user with a GPU does.
+    """
     from transformers import AutoModelForCausalLM
 
     enable_fastpath_kwarg()
     with quiet_transformers():
         model: Any = AutoModelForCausalLM.from_pretrained(path, fastpath=fastpath, **kwargs)
-    if move and next(model.parameters()).device.type != device.split(":")[0]:
+    if fastpath:
+        return model
+    if next(model.parameters()).device.type != device.split(":")[0]:
         model.to(device)
-    return model.eval()
+    return model
 
 
 def generate_call(model: Any, ids: Any, mask: Any, new_tokens: int, **extra: Any) -> Any:
@@ -89,6 +96,9 @@ def measure_generate(bench: Bench, setup: Setup, models: dict[str, Any],
                      make_check: Callable[[Any, Any, dict[str, str], Callable[[], tuple[Any, Any]]], Any]) -> None:
     """One case per batch size; ``make_check(ids, mask, dtypes, reference)`` builds the case's check.
 
+    Prompts are made on the CPU and each variant gets them on its own model's device (the fastpath
+    model is wherever its plan put it); ``ids`` and ``mask`` given to ``make_check`` are on the CPU.
+
     ``reference()`` runs the default model once more, untimed, keeping its logits: ``(sequences, logits)``.
     """
     import torch
@@ -98,22 +108,25 @@ def measure_generate(bench: Bench, setup: Setup, models: dict[str, Any],
     vocab = setup.shape["vocab_size"]
     for batch in setup.batches:
         gen = torch.Generator().manual_seed(batch)
-        ids = torch.randint(3, vocab, (batch, setup.prompt_len), generator=gen).to(bench.device)
+        ids = torch.randint(3, vocab, (batch, setup.prompt_len), generator=gen)
         mask = torch.ones_like(ids)
         cache: dict[str, tuple[Any, Any]] = {}
 
         def reference(ids: Any = ids, mask: Any = mask, cache: dict[str, tuple[Any, Any]] = cache) -> tuple[Any, Any]:
             if "ref" not in cache and "default" in models:
-                out = generate_call(models["default"], ids, mask, setup.new_tokens, output_logits=True,
-                                    return_dict_in_generate=True)
+                model = models["default"]
+                out = generate_call(model, ids.to(model.device), mask.to(model.device), setup.new_tokens,
+                                    output_logits=True, return_dict_in_generate=True)
                 cache["ref"] = (out.sequences.cpu(), torch.stack(out.logits, dim=1).float().cpu())
                 del out
             return cache["ref"]
 
         live = {k: m for k, m in models.items() if bench.wanted(k)}
-        bench.measure(f"batch {batch}", {k: _variant(m, ids, mask, setup.new_tokens) for k, m in live.items()},
+        bench.measure(f"batch {batch}", {k: _variant(m, ids.to(m.device), mask.to(m.device), setup.new_tokens)
+                                         for k, m in live.items()},
                       check=make_check(ids, mask, dtypes, reference),
                       params={"batch": batch, "prompt_tokens": setup.prompt_len, "new_tokens": setup.new_tokens},
                       work=batch * setup.new_tokens, work_unit="tokens")
         cache.clear()
     bench.config["dtypes"] = dtypes
+    bench.config["devices"] = {k: str(m.device) for k, m in models.items()}

@@ -26,15 +26,16 @@ def run(bench: Bench) -> None:
     half = torch.bfloat16 if bench.on_gpu else torch.float32
     placed: dict[str, Any] = {"device_map": {"": device}} if bench.on_gpu else {}
     bench.define("default", "AutoModelForCausalLM.from_pretrained(path) with no settings (the checkpoint's bf16, "
-                            f"transformers' default attention) moved to {device}; generate(max_new_tokens=N, "
+                            f"transformers' default attention) moved to {device} by hand; generate(max_new_tokens=N, "
                             "do_sample=False) with its default dynamic cache")
     bench.define("expert", f"from_pretrained(path, dtype={str(half).replace('torch.', '')}, "
                            f"attn_implementation='sdpa'{', device_map=' + repr(device) if placed else ''}); "
                            "dynamic cache")
     bench.define("compile", "expert + generation_config.cache_implementation = 'static': transformers' documented "
                             "static-cache recipe, which compiles the decode step (mode reduce-overhead, CUDA graphs)")
-    bench.define("fastpath", f"from_pretrained(path, fastpath=True) moved to {device}: its plan's dtype, attention, "
-                             "static cache and compile")
+    bench.define("fastpath", "from_pretrained(path, fastpath=True) and nothing else (not moved, not applied again): "
+                             "its plan's device, dtype, attention, static cache and compile; prompts go to "
+                             "model.device")
     if not bench.on_gpu:
         bench.omit("compile", "transformers compiles generate only on accelerators (its auto-compile criteria); "
                               "on a CPU the static cache stays uncompiled")

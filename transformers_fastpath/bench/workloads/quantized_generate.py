@@ -42,14 +42,15 @@ def run(bench: Bench) -> None:
            "dtype": torch.bfloat16, "attn_implementation": "sdpa", "device_map": {"": device}}
     policy = {"defaults": {"quantization": "bnb-nf4", "quantization_fallback": "error"}}
     bench.define("default", f"AutoModelForCausalLM.from_pretrained(path) with no settings (bf16, not quantized) "
-                            f"moved to {device}; dynamic cache")
+                            f"moved to {device} by hand; dynamic cache")
     bench.define("expert", "from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
                            "bnb_4bit_quant_type='nf4', bnb_4bit_compute_dtype=bfloat16), dtype=bfloat16, "
                            f"attn_implementation='sdpa', device_map={device!r}); dynamic cache")
     bench.define("compile", "expert + generation_config.cache_implementation = 'static' (transformers compiles the "
                             "decode step when the quantizer allows it)")
-    bench.define("fastpath", f"from_pretrained(path, fastpath={policy!r}): nf4 from the policy, the rest of its "
-                             "plan (static cache and compile where the quantizer allows it)")
+    bench.define("fastpath", f"from_pretrained(path, fastpath={policy!r}) and nothing else (not moved): nf4 from "
+                             "the policy, the rest of its plan (device, static cache and compile where the quantizer "
+                             "allows it)")
 
     def compiled() -> Any:
         model = load_causal(setup.path, device, fastpath=False, **nf4)
@@ -78,7 +79,9 @@ def run(bench: Bench) -> None:
         def last_logits(name: str) -> Any:
             if name not in cache:
                 with torch.inference_mode():
-                    cache[name] = models[name](input_ids=ids, attention_mask=mask).logits[:, -1].float().cpu()
+                    model = models[name]
+                    cache[name] = model(input_ids=ids.to(model.device),
+                                        attention_mask=mask.to(model.device)).logits[:, -1].float().cpu()
             return cache[name]
 
         def check(variant: str, default_out: Any, out: Any) -> dict[str, Any]:
