@@ -26,7 +26,7 @@ from transformers import AutoModel
 
 import transformers_fastpath as fp
 from transformers_fastpath import PolicyError, load_policy
-from transformers_fastpath.interception import bootstrap, patches, state
+from transformers_fastpath.interception import bootstrap, guard, patches, state
 
 
 @pytest.fixture(autouse=True)
@@ -150,10 +150,11 @@ def test_garbage_policy_file_in_the_variable_end_to_end(garbage_files: dict[str,
 
     code = ("import transformers.modeling_utils as m, transformers.pipelines\n"
             "import transformers_fastpath as fp\n"
-            "print(fp.is_installed(), 'fastpath' in m.PreTrainedModel.from_pretrained.__code__.co_varnames)")
+            "from transformers_fastpath.interception import guard, patches\n"
+            "print(fp.is_installed(), patches.is_patched(), guard.is_active())")
     result = run_python(code, env={"TRANSFORMERS_FASTPATH": garbage_files["binary.toml"]})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False False"
+    assert result.stdout.strip() == "False False True"  # unpatched; only the guard that drops fastpath=
     assert result.stderr.count("policy is invalid") == 1 and "not valid TOML" in result.stderr
 
 
@@ -302,7 +303,7 @@ def test_cli_bad_input_messages(cli_paths: dict[str, str]) -> None:
         (["explain", cli_paths["model"], "--policy", cli_paths["missing"]], "invalid policy:"),
         (["explain", cli_paths["model"], "--policy", cli_paths["binary.toml"]], "not valid TOML"),
         (["explain", cli_paths["model"], "--policy", cli_paths["dir"]], "policy path is a directory"),
-        (["explain", cli_paths["missing"]], "cannot read the config of"),
+        (["explain", cli_paths["missing"]], f"explain: no such directory: {cli_paths['missing']} (resolved to "),
         (["explain", cli_paths["no-config"]], "Should have a `model_type` key in its config.json"),
         (["explain", cli_paths["corrupt"]], "is not a valid JSON file"),
         (["explain"], "error: the following arguments are required: model"),
@@ -399,7 +400,7 @@ def test_broken_model_with_policy_argument_and_enabled_scope(broken_models: dict
 
 
 def test_a_patch_that_fails_at_import_warns_once_and_leaves_transformers_unpatched(
-        monkeypatch: pytest.MonkeyPatch, fresh_bootstrap) -> None:
+        monkeypatch: pytest.MonkeyPatch, fresh_bootstrap, tiny_model_factory) -> None:
     """Fault injected into the post-import patch (a transformers that moved something fastpath wraps)."""
     def broken(module: Any) -> None:
         raise AttributeError("module 'transformers.pipelines' has no attribute 'load_model'")
@@ -409,3 +410,48 @@ def test_a_patch_that_fails_at_import_warns_once_and_leaves_transformers_unpatch
     assert len(messages) == 1 and "could not patch transformers.pipelines and leaves it unpatched" in messages[0]
     assert not patches.is_patched()  # the modeling patch made before it is rolled back too
     assert fp.is_installed() is False
+    assert guard.is_active()  # fastpath= is dropped with the reason, not a TypeError
+    monkeypatch.setattr(guard, "_warned", False)
+    with pytest.warns(UserWarning, match=r"ignored in from_pretrained\(\).*could not patch transformers\.pipelines "
+                                         r"\(AttributeError: .*Report it"):
+        assert fp.plan_of(AutoModel.from_pretrained(tiny_model_factory("bert"), fastpath=True)) is None
+
+
+def test_the_switch_warning_lists_exactly_the_accepted_values(fresh_bootstrap) -> None:
+    import re
+
+    (message,) = fresh_bootstrap(TRANSFORMERS_FASTPATH="garbage-value")
+    listed = re.search(r"'garbage-value' is not an accepted value: (.*) \(on\); (.*) \(off\), in any case; or the "
+                       r"path of an existing policy file", message)
+    assert listed is not None, message
+    on, off = listed.group(1).split(", "), listed.group(2).split(", ")
+    assert set(on) == set(bootstrap._ON) and set(off) == set(bootstrap._OFF)
+    for value in on:  # each listed value really is accepted, in any case
+        assert fresh_bootstrap(TRANSFORMERS_FASTPATH=value.upper()) == []
+        assert bootstrap.status()["mode"] == "install" and fp.is_installed(), value
+    for value in off:
+        assert fresh_bootstrap(TRANSFORMERS_FASTPATH=value.title()) == []
+        assert bootstrap.status()["disabled_reason"] == f"TRANSFORMERS_FASTPATH={value.title()}"
+        assert not fp.is_installed() and not patches.is_patched()
+
+
+# -- the Python API: what fp.apply / fp.revert take -----------------------------------------------
+
+def test_apply_and_revert_refuse_what_is_not_a_model_and_say_what_to_do(tiny_model_factory) -> None:
+    path = tiny_model_factory("bert")
+    for bad in (str(path), path):
+        for function, name in ((fp.apply, "apply"), (fp.revert, "revert")):
+            with pytest.raises(TypeError, match=rf"fp\.{name}\(\) takes a loaded model, got the \w+ '") as info:
+                function(bad)
+            message = str(info.value)
+            assert str(path) in message and "from_pretrained(path, fastpath=True)" in message
+            assert f"fp.{name}(model)" in message
+    for function, name in ((fp.apply, "apply"), (fp.revert, "revert")):
+        with pytest.raises(TypeError, match=rf"fp\.{name}\(\) takes a loaded model .* got int; load the model"):
+            function(42)
+    pipe = fp.pipeline("feature-extraction", model=str(path))
+    with pytest.raises(TypeError, match=r"got a pipeline \(FeatureExtractionPipeline\); pass its model, "
+                                        r"fp\.apply\(pipe\.model\)"):
+        fp.apply(pipe)
+    assert fp.revert(pipe) is pipe  # a pipeline's model is reverted
+    assert all(p.status != "applied" for p in fp.plan_of(pipe).passes)

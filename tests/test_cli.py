@@ -44,7 +44,7 @@ def test_explain_reports_bad_input_clearly(tiny_model_factory, tmp_path: Path,
     err = capsys.readouterr().err
     assert "rule #0 ('x')" in err and "batch_size" in err
     assert main(["explain", str(tmp_path / "missing-model")]) == 2
-    assert "cannot read the config" in capsys.readouterr().err
+    assert f"no such directory: {tmp_path / 'missing-model'}" in capsys.readouterr().err
     assert main(["explain", str(tiny_model_factory("bert")), "--hardware", "abacus"]) == 2
     assert "unknown hardware profile" in capsys.readouterr().err
 
@@ -84,3 +84,58 @@ def test_bench_quick_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str], m
     assert case["check"]["passed"] is True and case["variants"]["fastpath"]["speedup_vs_default"] > 0
     assert main(["bench", "--list"]) == 0
     assert "feature-extraction" in capsys.readouterr().out
+
+
+def test_explain_refuses_a_task_typo_naming_the_close_match(tiny_model_factory,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(tiny_model_factory("bert"))
+    capsys.readouterr()  # building the tiny model writes progress bars
+    assert main(["explain", path, "--task", "feature-extractoin", "--hardware", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--task 'feature-extractoin' is not a pipeline task of transformers" in err
+    assert "did you mean 'feature-extraction'?" in err and "transformers.pipelines.SUPPORTED_TASKS" in err
+    assert "TASK_ALIASES" in err and "\n" not in err.strip()
+    assert main(["explain", path, "--task", "summarization", "--hardware", "cpu"]) == 2  # removed in transformers 5
+    assert "was removed from transformers" in capsys.readouterr().err
+    assert main(["explain", path, "--task", "sentiment-analysis", "--hardware", "cpu"]) == 0  # an alias
+
+
+def test_explain_reports_a_missing_local_directory_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("./nope", "../nope", str(tmp_path / "nope"), "~/surely-no-such-dir-here"):
+        assert main(["explain", name]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"transformers-fastpath explain: no such directory: {name} "), err
+        assert "config.json" in err and "Repo id" not in err
+
+
+def test_doctor_explains_the_bootstrap_state() -> None:
+    from transformers_fastpath.doctor import bootstrap_meaning
+
+    passive = bootstrap_meaning({"booted": True, "mode": "passive", "disabled_reason": None})
+    assert passive.startswith("passive: transformers accepts fastpath= per call")
+    assert "TRANSFORMERS_FASTPATH=1" in passive
+    assert bootstrap_meaning({"booted": True, "mode": "install", "disabled_reason": None}).startswith(
+        "on for the whole process")
+    off = bootstrap_meaning({"booted": True, "mode": "passive", "disabled_reason": "TRANSFORMERS_FASTPATH=0"})
+    assert off.startswith("off (TRANSFORMERS_FASTPATH=0): ") and "warning" in off
+    assert "not loaded" in bootstrap_meaning({"booted": False, "mode": "passive", "disabled_reason": None})
+
+
+def test_doctor_never_cuts_a_message_mid_sentence(capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers_fastpath.doctor import first_sentences
+
+    torch_message = ("No viable backend for scaled_dot_product_attention was found. This is likely due to turning "
+                     "off both the math kernel and the fused kernels.")
+    assert first_sentences(torch_message + "\nmore detail") == torch_message  # whole, first line only
+    long = "First sentence here. " * 20
+    cut = first_sentences(long, limit=100)
+    assert cut.endswith("here. ...") and len(cut) <= 104
+    assert first_sentences("word " * 100, limit=50).endswith("word ...")
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "start-up bootstrap: passive: transformers accepts fastpath= per call" in out
+    for line in out.splitlines():
+        if line.strip().startswith(("efficient", "cudnn", "flash")) and "no: " in line:
+            assert line.rstrip().endswith((".", "...", ")")), line

@@ -316,35 +316,93 @@ def test_bootstrap_is_cheap_at_start_up() -> None:
     assert result.stdout.split() == ["True", "False", "False"]  # bootstrap loaded, nothing heavy
 
 
+# Whether fastpath's wrappers are in place, and whether only the guard is (fastpath off for the process).
+PATCH_STATE = ("import transformers.modeling_utils, transformers.pipelines\n"
+               "from transformers_fastpath.interception import bootstrap, guard, patches\n"
+               "print(patches.is_patched(), guard.is_active(), bootstrap.status()['disabled_reason'])")
+
+
 @pytest.mark.parametrize("value", ["garbage-value", "/no/such/policy.toml"])
 def test_unusable_env_value_warns_and_leaves_the_process_unpatched(value: str, tiny_model_factory) -> None:
     assert run_python("print(1)", env={"TRANSFORMERS_FASTPATH": value}).stdout.strip() == "1"
-    code = ("import transformers, transformers.modeling_utils as m\n"
-            "print('fastpath' in m.PreTrainedModel.from_pretrained.__code__.co_varnames)")
-    result = run_python(code, env={"TRANSFORMERS_FASTPATH": value})
+    result = run_python(PATCH_STATE, env={"TRANSFORMERS_FASTPATH": value})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
+    assert result.stdout.strip().startswith("False True TRANSFORMERS_FASTPATH=")  # not patched; only the guard
     assert "stays unpatched" in result.stderr
 
 
 def test_invalid_policy_in_env_warns_and_leaves_transformers_unpatched(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[defaults]\ndtype = "float64"\n')
-    code = ("import transformers.modeling_utils as m\n"
-            "print('fastpath' in m.PreTrainedModel.from_pretrained.__code__.co_varnames)")
-    result = run_python(code, env={"TRANSFORMERS_FASTPATH": str(bad)})
+    result = run_python(PATCH_STATE, env={"TRANSFORMERS_FASTPATH": str(bad)})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
+    assert result.stdout.strip().startswith("False True the policy TRANSFORMERS_FASTPATH found is invalid")
     assert "policy is invalid" in result.stderr and "dtype" in result.stderr
 
 
 def test_switch_zero_disables_the_bootstrap() -> None:
-    code = ("import transformers.modeling_utils as m\n"
-            "from transformers_fastpath.interception import bootstrap\n"
-            "print('fastpath' in m.PreTrainedModel.from_pretrained.__code__.co_varnames, bootstrap.status()['disabled_reason'])")
-    result = run_python(code, env={"TRANSFORMERS_FASTPATH": "0"})
+    result = run_python(PATCH_STATE, env={"TRANSFORMERS_FASTPATH": "0"})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False TRANSFORMERS_FASTPATH=0"
+    assert result.stdout.strip() == "False True TRANSFORMERS_FASTPATH=0"
+    assert result.stderr.strip() == ""  # =0 is quiet until a call asks for fastpath
+
+
+OFF_SCRIPT = """
+import json, warnings
+import transformers
+from transformers import AutoModel, PreTrainedModel
+import transformers_fastpath as fp
+from transformers_fastpath.interception import guard
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    model = AutoModel.from_pretrained({base!r}, fastpath=True)
+    fill = transformers.pipeline("fill-mask", model={mlm!r}, fastpath=True)  # unguarded: TypeError
+    cls = transformers.pipeline("text-classification", model={cls!r}, fastpath={{"defaults": {{"batch_size": 4}}}})
+    quiet = AutoModel.from_pretrained({base!r}, fastpath=False)
+ours = [w for w in caught if w.category is UserWarning and "transformers-fastpath" in str(w.message)]
+params = {{**cls._preprocess_params, **cls._forward_params, **cls._postprocess_params}}
+result = {{"plans": [fp.plan_of(x) is not None for x in (model, fill, cls, quiet)], "leaked": "fastpath" in params,
+          "batch": cls._batch_size, "warnings": [(w.category.__name__, str(w.message), w.filename) for w in ours],
+          "out": cls(["a b c", "hello there world"])}}
+explicit = fp.pipeline("text-classification", model={cls!r}, fastpath={{}})  # explicit code still opts in
+result["explicit"] = [fp.plan_of(explicit) is not None, guard.is_active()]  # ... and the guard goes
+fp.install({{}})
+result["installed"] = [fp.plan_of(AutoModel.from_pretrained({base!r})) is not None, guard.is_active()]
+fp.uninstall()  # transformers' own function objects back: no guard either
+result["uninstalled"] = ["fastpath" in PreTrainedModel.from_pretrained.__code__.co_varnames, guard.is_active()]
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.parametrize("env", [{"TRANSFORMERS_FASTPATH": "0"}, {"TRANSFORMERS_FASTPATH": "garbage-value"},
+                                 {"TRANSFORMERS_FASTPATH_POLICY": "/no/such/policy.toml"}, "invalid policy"],
+                         ids=["zero", "garbage", "missing-policy", "invalid-policy"])
+def test_fastpath_argument_while_off_warns_once_with_the_reason_and_runs_plain(env, tiny_model_factory,
+                                                                               tmp_path: Path) -> None:
+    """Whenever the bootstrap leaves fastpath off, fastpath= is dropped with one UserWarning naming the reason
+    (from_pretrained no longer raises TypeError, pipeline() no longer ignores it silently)."""
+    if env == "invalid policy":
+        bad = tmp_path / "bad.toml"
+        bad.write_text('[defaults]\ndtype = "float64"\n')
+        env = {"TRANSFORMERS_FASTPATH": str(bad)}
+    paths = {"base": str(tiny_model_factory("bert")), "mlm": str(tiny_model_factory("bert", "mlm")),
+             "cls": str(tiny_model_factory("bert", "seq-cls"))}
+    result = run_python(OFF_SCRIPT.format(**paths), env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.splitlines()[-1])
+    assert out["plans"] == [False, False, False, False] and not out["leaked"] and out["batch"] != 4
+    assert len(out["warnings"]) == 1, out["warnings"]  # once per process, for both entry points
+    category, message, filename = out["warnings"][0]
+    assert category == "UserWarning" and filename == "<string>"  # points at the caller's line
+    assert "fastpath=True ignored in from_pretrained()" in message and "runs as plain transformers" in message
+    name, value = next(iter(env.items()))
+    assert name in message, message  # the reason: which variable
+    assert ("Unset TRANSFORMERS_FASTPATH" in message if value == "0" else "Fix the" in message or "Set " in message)
+    plain = run_python(ENV_SCRIPT.format(path=paths["cls"]))
+    _same_outputs(json.loads(plain.stdout.splitlines()[-1])["out"], out["out"])
+    assert out["explicit"] == [True, False] and out["installed"] == [True, False]
+    assert out["uninstalled"] == [False, False]
 
 
 def test_uninstall_is_not_undone_by_a_later_import(tmp_path) -> None:

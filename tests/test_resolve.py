@@ -148,3 +148,36 @@ def test_public_names_are_functions_whatever_was_imported_first() -> None:
     result = run_python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
+
+
+# -- bad arguments: a task typo, a local path that does not exist ----------------------------------
+
+def test_resolve_refuses_an_unknown_task_naming_the_close_match(config_only_dir: Path) -> None:
+    from transformers_fastpath.tasks import UnknownTaskError
+
+    with pytest.raises(UnknownTaskError) as info:
+        resolve(config_only_dir, task="text-clasification", hardware=CPU)
+    message = str(info.value)
+    assert "task 'text-clasification' is not a pipeline task of transformers" in message
+    assert "did you mean 'text-classification'?" in message and "SUPPORTED_TASKS" in message
+    assert isinstance(info.value, ValueError) and isinstance(info.value, KeyError)  # transformers raises KeyError
+    assert isinstance(info.value, fp.FastpathError)
+
+
+def test_resolve_accepts_aliases_removed_and_config_declared_tasks(config_only_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    for task in ("sentiment-analysis", "text2text-generation", "translation_en_to_fr"):
+        assert resolve(config_only_dir, task=task, hardware=CPU).model.task == task
+    config = AutoConfig.from_pretrained(config_only_dir)
+    config.custom_pipelines = {"my-task": {"impl": "my_pipeline.MyPipeline", "pt": ["AutoModel"]}}
+    assert resolve(config, task="my-task", hardware=CPU).model.task == "my-task"
+    config.save_pretrained(tmp_path)  # declared in config.json: read before the task is checked
+    assert resolve(tmp_path, task="my-task", hardware=CPU).model.task == "my-task"
+
+
+def test_resolve_reports_a_missing_local_directory_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("./nope", str(tmp_path / "nope"), "models/bert/nope"):
+        with pytest.raises(FileNotFoundError, match=r"no such directory: .*nope.*config\.json"):
+            resolve(name, hardware=CPU)

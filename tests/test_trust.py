@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import socket
 import warnings
 from importlib import metadata
@@ -300,6 +301,14 @@ def test_garbage_disable_value_warns_and_keeps_plugins_off(fake_plugins, monkeyp
         garbage = value not in ("0", "off", "1", "TRUE")
         assert len(messages) == (1 if garbage else 0), (value, messages)
         assert all(len(m) < 1000 for m in messages)
+    # the warning lists exactly the values the parser accepts
+    monkeypatch.setenv("TRANSFORMERS_FASTPATH_DISABLE_PLUGIN_AUTOLOAD", "please, no")
+    (message,) = _load_plugins()[1]
+    listed = re.search(r"'please, no' is not an accepted value: (.*) \(disable autoload\); (.*) or blank "
+                       r"\(load plugins\), in any case", message)
+    assert listed is not None, message
+    assert listed.group(1).split(", ") == list(plugins._TRUE)
+    assert listed.group(2).split(", ") == [v for v in plugins._FALSE if v]
 
 
 def test_allow_list_edges(fake_plugins, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,7 @@ from conftest import REPO
 
 import transformers_fastpath as fp
 from transformers_fastpath.errors import FastpathError
-from transformers_fastpath.interception import bootstrap, compat, patches
+from transformers_fastpath.interception import bootstrap, compat, guard, patches
 from transformers_fastpath.placement import tensor_parallel_kwargs
 
 
@@ -83,7 +83,7 @@ def test_install_on_an_unsupported_transformers_raises_and_patches_nothing(monke
 
 
 def test_bootstrap_on_an_unsupported_transformers_warns_once_and_stays_unpatched(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_factory) -> None:
     fp.uninstall()
     patches.import_targets()
     monkeypatch.setattr(_live(), "__version__", "5.0.0")
@@ -103,6 +103,13 @@ def test_bootstrap_on_an_unsupported_transformers_warns_once_and_stays_unpatched
     messages = [str(w.message) for w in caught if "transformers-fastpath" in str(w.message)]
     assert len(messages) == 1 and "transformers 5.0.0 is older than" in messages[0], messages
     assert not patches.is_patched() and not fp.is_installed()
+    # fastpath is off for the process: a fastpath= argument is dropped with the reason, not a TypeError
+    assert guard.is_active()
+    monkeypatch.setattr(guard, "_warned", False)
+    with pytest.warns(UserWarning, match=r"fastpath=True ignored in from_pretrained\(\).*transformers 5\.0\.0 is "
+                                         r"older than.*Install a transformers release in the range"):
+        model = transformers.AutoModel.from_pretrained(tiny_model_factory("bert"), fastpath=True)
+    assert fp.plan_of(model) is None
 
 
 # -- APIs that differ between releases ----------------------------------------------------------------

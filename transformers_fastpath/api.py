@@ -21,6 +21,11 @@ def apply(model: Any, policy_or_plan: PolicyLike | Plan = None, *, task: str | N
     ``from_pretrained(..., fastpath=...)``; on a loaded model only the passes run. The plan,
     with each pass's outcome, is then available from :func:`plan_of`.
     """
+    if _is_pipeline(model):
+        raise TypeError(f"fp.apply() takes a model, got a pipeline ({type(model).__name__}); pass its model, "
+                        "fp.apply(pipe.model), or create the pipeline with fastpath: pipeline(..., fastpath=True) "
+                        "(that also sets its batch size and length bucketing)")
+    _require_module(model, "apply")
     plan = policy_or_plan if isinstance(policy_or_plan, Plan) else resolve(
         model, task=task, policy=policy_or_plan, hardware=hardware)
     apply_plan(model, plan)
@@ -29,16 +34,43 @@ def apply(model: Any, policy_or_plan: PolicyLike | Plan = None, *, task: str | N
 
 def revert(model: Any) -> Any:
     """Undo every reversible pass fastpath applied to ``model`` (or a pipeline's model)."""
-    target = getattr(model, "model", model) if plan_of(model) is not None and not hasattr(model, "config") else model
-    revert_model(target)
+    if _is_pipeline(model):
+        revert_model(model.model)
+        return model
+    _require_module(model, "revert")
+    revert_model(model)
     return model
+
+
+def _is_pipeline(obj: Any) -> bool:
+    """A transformers pipeline (or anything holding a model the same way), without importing transformers."""
+    import torch
+
+    return not isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "model", None), torch.nn.Module)
+
+
+def _require_module(model: Any, name: str) -> None:
+    """``fp.apply("path")`` is a TypeError that says what to do, not an AttributeError deep inside."""
+    import os
+
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        return
+    if isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"fp.{name}() takes a loaded model, got the {type(model).__name__} {os.fspath(model)!r}; "
+                        "load it with fastpath instead: AutoModel.from_pretrained(path, fastpath=True) (or the Auto "
+                        f"class of its task), or load it and pass the model: fp.{name}(model)")
+    raise TypeError(f"fp.{name}() takes a loaded model (a torch.nn.Module such as a transformers PreTrainedModel) or "
+                    f"a pipeline, got {type(model).__name__}; load the model with from_pretrained(..., fastpath=True), "
+                    f"or pass the loaded model: fp.{name}(model)")
 
 
 def pipeline(*args: Any, fastpath: Any = True, **kwargs: Any) -> Any:
     """``transformers.pipeline`` with fastpath on (``fastpath=`` takes a policy, path or dict too)."""
-    from .interception import patches
+    from .interception.install import ensure_patched
 
-    patches.patch_all()
+    ensure_patched()
     import transformers.pipelines
 
     return transformers.pipelines.pipeline(*args, fastpath=fastpath, **kwargs)

@@ -15,9 +15,10 @@ __all__ = ["main"]
 def _cmd_explain(args: argparse.Namespace) -> int:
     from .errors import FastpathError, PolicyError
     from .hardware import Hardware
-    from .model_info import ModelInfo
+    from .model_info import ModelInfo, missing_local_directory
     from .policy import load_policy
     from .resolution import resolve
+    from .tasks import UnknownTaskError, check_task
 
     def fail(message: str) -> int:
         print(f"transformers-fastpath explain: {_one_line(message)}", file=sys.stderr)
@@ -31,11 +32,18 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         policy = load_policy(args.policy)
     except PolicyError as exc:
         return fail(f"invalid policy: {exc}")
+    missing = missing_local_directory(args.model)  # ./nope is not a Hub repo id: say what it is
+    if missing is not None:
+        return fail(missing)
     try:
         # Only the config is read, and never with remote code: a config that needs it is reported.
         model = ModelInfo.from_pretrained(args.model, task=args.task, trust_remote_code=False)
     except (OSError, ValueError, LookupError) as exc:
         return fail(f"cannot read the config of {args.model!r}: {exc}")
+    try:  # a typo must not plan for a task nobody can run; nor a task this transformers removed
+        check_task(args.task, config=model.config, removed=False, where="--task")
+    except UnknownTaskError as exc:
+        return fail(str(exc))
     try:
         plan = resolve(model, task=args.task, policy=policy, hardware=hardware)
     except PolicyError as exc:

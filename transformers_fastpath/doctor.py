@@ -7,7 +7,7 @@ import importlib.util
 import platform
 from typing import Any
 
-__all__ = ["diagnose", "sdpa_backends_that_run"]
+__all__ = ["bootstrap_meaning", "diagnose", "first_sentences", "sdpa_backends_that_run"]
 
 OPTIONAL_PACKAGES = ("flash_attn", "bitsandbytes", "torchao", "optimum", "peft", "accelerate")
 
@@ -35,8 +35,21 @@ def sdpa_backends_that_run(device: str, dtype: Any = None) -> dict[str, str]:
                 torch.nn.functional.scaled_dot_product_attention(q, q, q)
             results[name] = "ok"
         except RuntimeError as exc:
-            results[name] = str(exc).strip().splitlines()[0][:120] or type(exc).__name__
+            results[name] = first_sentences(str(exc)) or type(exc).__name__
     return results
+
+
+def first_sentences(text: str, limit: int = 240) -> str:
+    """The first line of ``text``, whole when it fits ``limit``; else cut after the last sentence
+    (or, with none, the last word) that fits, with an ellipsis: never mid-sentence without one."""
+    line = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if len(line) <= limit:
+        return line
+    head = line[:limit]
+    end = max(head.rfind(". "), head.rfind("; "), head.rfind(": "))
+    if end > limit // 3:
+        return head[:end + 1] + " ..."
+    return head.rsplit(" ", 1)[0] + " ..."
 
 
 def _package_version(module: str) -> str | None:
@@ -76,7 +89,7 @@ def diagnose() -> dict[str, Any]:
         "sdpa_backends": {"device": sdpa_device, **sdpa_backends_that_run(sdpa_device)},
         "fused_encoder_op": hasattr(torch, "_transformer_encoder_layer_fwd"),
         "packages": {name: _package_version(name) for name in OPTIONAL_PACKAGES},
-        "bootstrap": bootstrap.status(),
+        "bootstrap": {**bootstrap.status(), "meaning": bootstrap_meaning(bootstrap.status())},
     }
 
 
@@ -97,8 +110,22 @@ def render(report: dict[str, Any]) -> str:
     lines.append("optional packages:")
     for name, version in report["packages"].items():
         lines.append(f"  {name:<13} {version or 'not installed'}")
-    boot = report["bootstrap"]
-    state = "off (" + boot["disabled_reason"] + ")" if boot["disabled_reason"] else (
-        boot["mode"] if boot["booted"] else "not loaded (is the .pth installed?)")
-    lines.append(f"start-up bootstrap: {state}")
+    lines.append(f"start-up bootstrap: {bootstrap_meaning(report['bootstrap'])}")
     return "\n".join(lines)
+
+
+def bootstrap_meaning(boot: dict[str, Any]) -> str:
+    """The start-up bootstrap's state in this process, and what it means for a user."""
+    if not boot.get("booted"):
+        return ("not loaded: the transformers_fastpath.pth start-up hook did not run in this interpreter, so "
+                "transformers does not accept fastpath= (reinstall the package here: pip install "
+                "transformers-fastpath; or call fp.install() / fp.pipeline(), which patch explicitly)")
+    if boot.get("disabled_reason"):
+        return (f"off ({boot['disabled_reason']}): fastpath never turns on by itself in this process; "
+                "a fastpath= argument is removed with one warning and the call runs as plain transformers "
+                "(fp.install() / fp.enabled() / fp.pipeline() still opt in explicitly)")
+    if boot.get("mode") == "install":
+        return ("on for the whole process (TRANSFORMERS_FASTPATH=1 or a policy path): every from_pretrained and "
+                "pipeline() uses fastpath, as after fp.install(); fastpath=False turns it off per call")
+    return ("passive: transformers accepts fastpath= per call; no process-wide opt-in "
+            "(set TRANSFORMERS_FASTPATH=1 for that, or call fp.install())")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
-__all__ = ["ModelInfo"]
+__all__ = ["ModelInfo", "missing_local_directory"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,15 +83,36 @@ class ModelInfo:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike[str], *, task: str | None = None,
                         **hub_kwargs: Any) -> ModelInfo:
-        """Read only the config of a model (local directory, or the Hub cache)."""
+        """Read only the config of a model (local directory, or the Hub cache).
+
+        A name that can only be a local path (``./x``, ``../x``, ``/x``, ``~/x``, ``a/b/c``) and does
+        not exist raises ``FileNotFoundError`` saying so, not transformers' Hub repo-id error.
+        """
         from transformers import AutoConfig
 
+        problem = missing_local_directory(name_or_path)
+        if problem is not None:
+            raise FileNotFoundError(problem)
         config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
         return cls.from_config(config, name=str(name_or_path), task=task)
 
     @classmethod
     def of(cls, target: Any, *, task: str | None = None) -> ModelInfo:
-        """Accept a model, a config, a path or an existing ModelInfo."""
+        """Accept a model, a config, a path or an existing ModelInfo.
+
+        ``task`` must be a pipeline task of the installed transformers (or one its config declares,
+        or one transformers removed in 5.x): a typo raises
+        :class:`~transformers_fastpath.tasks.UnknownTaskError` naming the close match.
+        """
+        info = cls._of(target, task)
+        if task is not None:  # after reading the config: it may declare custom pipeline tasks
+            from .tasks import check_task
+
+            check_task(task, config=info.config)
+        return info
+
+    @classmethod
+    def _of(cls, target: Any, task: str | None) -> ModelInfo:
         if isinstance(target, ModelInfo):
             return target if task is None or target.task == task else _with_task(target, task)
         from transformers import PretrainedConfig, PreTrainedModel
@@ -105,6 +126,30 @@ class ModelInfo:
         raise TypeError(
             f"expected a PreTrainedModel, a PretrainedConfig, a model path or id, got {type(target).__name__}"
         )
+
+
+def missing_local_directory(name_or_path: str | os.PathLike[str]) -> str | None:
+    """Why ``name_or_path``, which can only be a local path, is not one, or None.
+
+    Local-only means: starting with ``./``, ``../``, ``/`` or ``~``, or with a path separator that a
+    Hub id cannot have (``\\`` on Windows, two or more ``/``, a ``.`` or ``..`` part).
+    ``namespace/name`` and ``name`` may be Hub ids: transformers decides those.
+    """
+    text = os.fspath(name_or_path)
+    if not isinstance(text, str) or not text or os.path.exists(text):
+        return None
+    parts = text.replace("\\", "/").split("/")
+    local = (text.startswith(("./", "../", "/", "~", ".\\", "..\\"))
+             or (os.sep != "/" and os.sep in text) or (os.altsep is not None and os.altsep != "/" and os.altsep in text)
+             or text.count("/") >= 2 or any(part in (".", "..") for part in parts))
+    if not local:
+        return None
+    expanded = os.path.expanduser(text)
+    if text.startswith("~") and expanded != text and os.path.exists(expanded):
+        return (f"no such directory: {text} ('~' is not expanded in a model path); pass the expanded path, "
+                f"{expanded}, or os.path.expanduser({text!r})")
+    return (f"no such directory: {text} (resolved to {os.path.abspath(expanded)}); pass the directory that holds "
+            "the model's config.json, or a Hub id such as 'sentence-transformers/all-MiniLM-L6-v2'")
 
 
 def _with_task(info: ModelInfo, task: str) -> ModelInfo:

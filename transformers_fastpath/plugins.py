@@ -169,9 +169,9 @@ def _autoload_enabled() -> bool:
         return False
     if value in _FALSE:
         return True
-    _warn_env(f"transformers-fastpath: {ENV_DISABLE_AUTOLOAD}={_shown(raw)} is not one of "
-              f"{'/'.join(_TRUE[:2])} or {'/'.join(_FALSE[1:3])}; third-party plugins are not loaded "
-              "(set it to 0 to load them)")
+    _warn_env(f"transformers-fastpath: {ENV_DISABLE_AUTOLOAD}={_shown(raw)} is not an accepted value: "
+              f"{', '.join(_TRUE)} (disable autoload); {', '.join(_FALSE[1:])} or blank (load plugins), in any case; "
+              "third-party plugins are not loaded (set it to 0 to load them)")
     return False
 
 

@@ -5,8 +5,13 @@ only registers a post-import hook. When transformers' modeling or pipeline modul
 imported, the hook wraps it so ``fastpath=`` is accepted (and, with
 ``TRANSFORMERS_FASTPATH=1`` or a policy path, turns fastpath on for the whole process).
 
-``TRANSFORMERS_FASTPATH=0`` (or false/no/off) disables the bootstrap entirely. A value it
-cannot use warns once and leaves the process unpatched.
+``TRANSFORMERS_FASTPATH=0`` (or false/no/off) turns the bootstrap off: transformers is not
+patched. A value it cannot use, an invalid policy, a transformers release outside the supported
+range or a wrapper that fails warn once at start-up and leave the process unpatched the same way.
+In each of these cases fastpath is off for the process, and the hook leaves only the guard of
+:mod:`.guard` on transformers' entry points: a ``fastpath=`` argument is removed with one warning
+that says why (not a bare ``TypeError`` from ``from_pretrained``, not a silent no-op in
+``pipeline()``).
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ _ON = ("1", "true", "yes", "on")
 
 _booted = False
 _mode = "passive"  # "passive": accept fastpath= only; "install": fastpath on for the process
-_disabled_reason: str | None = None
+_disabled_reason: str | None = None  # why fastpath is off for the process (then only the guard goes in)
+_disabled_fix = ""  # what to do about it, for the guard's warning
+_TARGETS = ("transformers.modeling_utils", "transformers.pipelines")
 
 
 class _PatchingLoader(Loader):
@@ -87,12 +94,16 @@ def _safely(patch: Callable[[ModuleType], None]) -> Callable[[ModuleType], None]
     def callback(module: ModuleType) -> None:
         if _user_decided:
             return
+        if _disabled_reason is not None:  # fastpath is off for this process: the guard only
+            _guard(module)
+            return
         try:
             from .compat import unsupported_transformers
 
             problem = unsupported_transformers()
             if problem is not None:  # one warning for both modules, and nothing patched
                 _warn_once(f"transformers-fastpath: {problem}; the process stays unpatched.")
+                _turn_off(problem, "Install a transformers release in the range above, or remove fastpath=.")
                 return
             patch(module)
         except Exception as exc:  # never break the import of transformers
@@ -106,8 +117,30 @@ def _safely(patch: Callable[[ModuleType], None]) -> Callable[[ModuleType], None]
                     patches.unpatch_all()
             except Exception:
                 pass
+            _turn_off(f"transformers-fastpath could not patch {module.__name__} ({type(exc).__name__}: {exc})",
+                      "Report it with your transformers version, or remove fastpath=.")
 
     return callback
+
+
+def _turn_off(reason: str, fix: str) -> None:
+    """Fastpath off for the rest of this process: the guard on the target modules imported so far
+    (the post-import hook guards the others when they are imported)."""
+    global _disabled_reason, _disabled_fix
+    _disabled_reason, _disabled_fix = reason, fix
+    for name in _TARGETS:
+        module = sys.modules.get(name)
+        if module is not None:
+            _guard(module)
+
+
+def _guard(module: ModuleType) -> None:
+    try:
+        from . import guard
+
+        guard.protect(module, _disabled_reason or "", _disabled_fix)
+    except Exception:  # noqa: BLE001 - never break the import of transformers
+        pass
 
 
 def _patch_modeling(module: ModuleType) -> None:
@@ -138,6 +171,8 @@ def _install_from_env() -> None:
     except PolicyError as exc:
         _warn_once(f"{ENV_SWITCH}: the policy is invalid, so fastpath stays off in this process: {exc}")
         patches.unpatch_all()
+        _turn_off(f"the policy {ENV_SWITCH} found is invalid ({exc})",
+                  "Fix the policy (the error names the file, the rule and the key), or remove fastpath=.")
         return
     with patches.lock:  # two threads importing the two modules at once: one policy, set once
         if state.installed_policy() is None and patches.is_patched():
@@ -164,30 +199,30 @@ def _warn_once(message: str) -> None:
 
 def boot() -> None:
     """Entry point of the ``.pth`` file. Idempotent; never raises."""
-    global _booted, _mode, _disabled_reason
+    global _booted, _mode, _disabled_reason, _disabled_fix
     if _booted:
         return
     _booted = True
     try:
         switch = os.environ.get(ENV_SWITCH, "").strip()
         lowered = switch.lower()
+        policy_path = os.environ.get(ENV_POLICY, "").strip()
         if lowered in _OFF:
             _disabled_reason = f"{ENV_SWITCH}={switch}"
-            return
-        if lowered in _ON:
-            _mode = "install"
-        elif switch:
-            if not os.path.isfile(switch):
-                _disabled_reason = f"{ENV_SWITCH}={_shown(switch)} is neither 0/1 nor an existing policy file"
-                _warn_once(f"transformers-fastpath: {_disabled_reason}; the process stays unpatched. "
-                           f"Use {ENV_SWITCH}=1, {ENV_SWITCH}=0, or a path to a fastpath.toml.")
-                return
-            _mode = "install"
-        policy_path = os.environ.get(ENV_POLICY, "").strip()
-        if policy_path and not os.path.isfile(policy_path):
+            _disabled_fix = (f"Unset {ENV_SWITCH} (or set it to 1) to use fastpath=, or remove fastpath= from the "
+                             "call; fp.install() / fp.pipeline() still opt in explicitly.")
+        elif lowered not in _ON and switch and not os.path.isfile(switch):
+            _disabled_reason = (f"{ENV_SWITCH}={_shown(switch)} is not an accepted value: {', '.join(_ON)} (on); "
+                                f"{', '.join(_OFF)} (off), in any case; or the path of an existing policy file")
+            _disabled_fix = f"Set {ENV_SWITCH} to 1, to 0, or to the path of a fastpath.toml; or unset it."
+            _warn_once(f"transformers-fastpath: {_disabled_reason}; the process stays unpatched. "
+                       f"Use {ENV_SWITCH}=1, {ENV_SWITCH}=0, or a path to a fastpath.toml.")
+        elif policy_path and not os.path.isfile(policy_path):
             _disabled_reason = f"{ENV_POLICY}={_shown(policy_path)} is not a file"
+            _disabled_fix = f"Fix the path in {ENV_POLICY}, or unset it."
             _warn_once(f"transformers-fastpath: {_disabled_reason}; the process stays unpatched.")
-            return
+        elif switch:
+            _mode = "install"  # 1/true/yes/on, or the path of a policy file
         finder = PostImportFinder({
             "transformers.modeling_utils": _safely(_patch_modeling),
             "transformers.pipelines": _safely(_patch_pipelines),
@@ -201,5 +236,8 @@ def boot() -> None:
 
 
 def status() -> dict[str, Any]:
-    """What the bootstrap did in this process (for ``transformers-fastpath doctor``)."""
+    """What the bootstrap did in this process (for ``transformers-fastpath doctor``).
+
+    ``disabled_reason``: why fastpath is off for the process (only the guard goes in), or None.
+    """
     return {"booted": _booted, "mode": _mode, "disabled_reason": _disabled_reason}

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 from ..policy import PolicyLike, load_policy
-from . import bootstrap, patches, state
+from . import bootstrap, guard, patches, state
 
 __all__ = ["install", "uninstall", "enabled", "is_installed"]
 
@@ -21,6 +21,7 @@ def install(policy: PolicyLike = None) -> None:
     patches.import_targets()  # outside the lock: importing may run the bootstrap's own patching
     bootstrap.user_decided()
     with patches.lock:  # patched + policy set in one step, against a concurrent uninstall()
+        guard.remove()  # off at start-up (TRANSFORMERS_FASTPATH=0...): this explicit call wins
         patches.patch_all()
         state.set_installed_policy(resolved)
 
@@ -30,11 +31,17 @@ def uninstall() -> None:
 
     Thread-safe against concurrent :func:`install` calls: whichever runs last decides, and the
     process is then either fully patched with a policy, or fully unpatched.
+
+    Fully unpatched means transformers exactly as without this package: the start-up guard (which
+    drops ``fastpath=`` with a warning when the bootstrap is off) goes too, so a later
+    ``from_pretrained(..., fastpath=True)`` raises transformers' ``TypeError`` and
+    ``pipeline(..., fastpath=True)`` hands the key to the pipeline class.
     """
     bootstrap.user_decided()  # a later first import of transformers.pipelines must not patch again
     with patches.lock:
         state.set_installed_policy(None)
         patches.unpatch_all()
+        guard.remove()
 
 
 def is_installed() -> bool:
@@ -49,6 +56,15 @@ def enabled(policy: PolicyLike = None) -> Iterator[None]:
     place if they were not (they pass calls through unchanged outside any scope).
     """
     resolved = load_policy(policy)
-    patches.patch_all()
+    ensure_patched()
     with state.scoped_policy(resolved):
         yield
+
+
+def ensure_patched() -> None:
+    """Wrap transformers' entry points for code that opts in explicitly (``enabled()``, ``fp.pipeline()``),
+    taking away the start-up guard first when the bootstrap left fastpath off."""
+    patches.import_targets()  # outside the lock: importing may run the bootstrap's own patching (or guard)
+    with patches.lock:
+        guard.remove()
+        patches.patch_all()
