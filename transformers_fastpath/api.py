@@ -68,9 +68,9 @@ def _require_module(model: Any, name: str) -> None:
 
 def pipeline(*args: Any, fastpath: Any = True, **kwargs: Any) -> Any:
     """``transformers.pipeline`` with fastpath on (``fastpath=`` takes a policy, path or dict too)."""
-    from .interception.install import ensure_patched
+    from .interception import patches
 
-    ensure_patched()
+    patches.patch_all()  # takes away the start-up guard too: an explicit opt-in wins
     import transformers.pipelines
 
     return transformers.pipelines.pipeline(*args, fastpath=fastpath, **kwargs)

@@ -21,8 +21,7 @@ def install(policy: PolicyLike = None) -> None:
     patches.import_targets()  # outside the lock: importing may run the bootstrap's own patching
     bootstrap.user_decided()
     with patches.lock:  # patched + policy set in one step, against a concurrent uninstall()
-        guard.remove()  # off at start-up (TRANSFORMERS_FASTPATH=0...): this explicit call wins
-        patches.patch_all()
+        patches.patch_all()  # also takes away the start-up guard (TRANSFORMERS_FASTPATH=0...): this call wins
         state.set_installed_policy(resolved)
 
 
@@ -56,15 +55,7 @@ def enabled(policy: PolicyLike = None) -> Iterator[None]:
     place if they were not (they pass calls through unchanged outside any scope).
     """
     resolved = load_policy(policy)
-    ensure_patched()
+    patches.patch_all()  # takes away the start-up guard too: an explicit opt-in wins
     with state.scoped_policy(resolved):
         yield
 
-
-def ensure_patched() -> None:
-    """Wrap transformers' entry points for code that opts in explicitly (``enabled()``, ``fp.pipeline()``),
-    taking away the start-up guard first when the bootstrap left fastpath off."""
-    patches.import_targets()  # outside the lock: importing may run the bootstrap's own patching (or guard)
-    with patches.lock:
-        guard.remove()
-        patches.patch_all()

@@ -333,11 +333,15 @@ def import_targets() -> tuple[ModuleType, ModuleType]:
 def patch_all() -> None:
     """Import transformers' modeling and pipeline modules and wrap them (idempotent, all or nothing).
 
-    The imports happen outside the lock (see :data:`lock`); both modules are then wrapped in one
+    Code that patches opts in explicitly, so the start-up guard (:mod:`.guard`) goes first. The
+    imports happen outside the lock (see :data:`lock`); both modules are then wrapped in one
     step, so a concurrent :func:`unpatch_all` never leaves one wrapped and the other not.
     """
     modeling_utils, pipelines = import_targets()
     with lock:
+        from . import guard
+
+        guard.remove()  # the start-up guard (fastpath off at start-up) is no original to record
         try:
             patch_modeling(modeling_utils)
             patch_pipelines(pipelines)
