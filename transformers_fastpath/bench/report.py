@@ -380,6 +380,6 @@ def draw_headline(reports: Sequence[dict[str, Any]], path: str | Path) -> Path |
     ax.set_xlabel("speed-up (median time ratio, log scale; > 1x is faster)", fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
     ax.legend(fontsize=7, loc="lower right")
-    ax.set_title("transformers-fastpath: " + ", ".join(devices), fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap("transformers-fastpath: " + ", ".join(devices), 70)), fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
