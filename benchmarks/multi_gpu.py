@@ -154,7 +154,7 @@ def bench_replicas(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import transformers
 
     import transformers_fastpath as fp
-    from transformers_fastpath.replicas import disable_replicas, enable_replicas, replicas_of, split_contiguous
+    from transformers_fastpath.pipelines.replicas import disable_replicas, enable_replicas, replicas_of, split_contiguous
 
     gpus = torch.cuda.device_count()
     if gpus < 2 and not args.tiny:
@@ -244,9 +244,9 @@ def bench_sharded(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     import transformers_fastpath as fp
-    from transformers_fastpath.hardware import Hardware
-    from transformers_fastpath.model_info import ModelInfo
-    from transformers_fastpath.resolution import resolve
+    from transformers_fastpath.planning.hardware import Hardware
+    from transformers_fastpath.planning.model_info import ModelInfo
+    from transformers_fastpath.planning.resolution import resolve
 
     path = make_llama(args, tmp / "llama")
     gpus = torch.cuda.device_count()

@@ -32,7 +32,7 @@ from multi_gpu import texts
 
 def timed_in_worker(inputs: list[str]) -> dict:
     """Run in a replica worker process: its pipeline on ``inputs``, with wall-clock start and end."""
-    from transformers_fastpath import replica_workers
+    from transformers_fastpath.pipelines import replica_workers
 
     start = time.time()
     replica_workers._PIPELINE(inputs)
@@ -51,7 +51,7 @@ def _single_and_replicated(args: argparse.Namespace) -> tuple:
     import transformers
 
     import transformers_fastpath as fp
-    from transformers_fastpath.replicas import enable_replicas
+    from transformers_fastpath.pipelines.replicas import enable_replicas
 
     base = {"batch_size": args.batch_size, "encoder_fastpath": False}
     single = transformers.pipeline("text-classification", model=args.model,
@@ -74,7 +74,7 @@ def replicated(args: argparse.Namespace, inputs: list[str]) -> dict:
     import statistics
     import threading
 
-    from transformers_fastpath.replicas import replicas_of, split_contiguous
+    from transformers_fastpath.pipelines.replicas import replicas_of, split_contiguous
 
     single, multi = _single_and_replicated(args)
     replicas = replicas_of(multi)
@@ -118,7 +118,7 @@ def diagnose(args: argparse.Namespace, inputs: list[str]) -> dict:
     import pstats
     import threading
 
-    from transformers_fastpath.replicas import replicas_of
+    from transformers_fastpath.pipelines.replicas import replicas_of
 
     single, multi = _single_and_replicated(args)
     primary, worker = replicas_of(multi)[:2]

@@ -129,7 +129,7 @@ def run_variant(name: str, path: Path, args: argparse.Namespace) -> dict[str, An
     from transformers import AutoModelForCausalLM
 
     import transformers_fastpath as fp
-    from transformers_fastpath.quantization import QuantizationUnavailable
+    from transformers_fastpath.loading.quantization import QuantizationUnavailable
 
     dtype = "bfloat16" if args.device == "cuda" else "float32"
     policy = {"defaults": {"quantization": VARIANTS[name], "quantization_fallback": "error", "dtype": dtype,

@@ -184,7 +184,7 @@ def test_fuzzed_pyproject_tool_tables(tmp_path: Path, tool: Any) -> None:
     (tmp_path / "pyproject.toml").write_text(text, encoding="utf-8")
     with contextlib.suppress(PolicyError):
         load_policy(tmp_path / "pyproject.toml")
-    from transformers_fastpath.policy.loading import discover_policy_source
+    from transformers_fastpath.planning.policy.loading import discover_policy_source
 
     discover_policy_source(cwd=tmp_path)
 
@@ -318,7 +318,7 @@ def test_cli_bad_input_messages(cli_paths: dict[str, str]) -> None:
 
 def test_cli_unexpected_error_is_one_line_and_v_shows_the_traceback(monkeypatch: pytest.MonkeyPatch,
                                                                     cli_paths: dict[str, str]) -> None:
-    from transformers_fastpath import resolution
+    from transformers_fastpath.planning import resolution
 
     def boom(*args: Any, **kwargs: Any) -> None:
         raise ZeroDivisionError("a bug")

@@ -219,7 +219,7 @@ def test_readme_links_point_to_files() -> None:
 # -- policy reference ------------------------------------------------------------------------------
 
 def test_policy_reference_documents_every_setting_and_match_key() -> None:
-    from transformers_fastpath.policy.schema import MATCH_KEYS, SETTINGS
+    from transformers_fastpath.planning.policy.schema import MATCH_KEYS, SETTINGS
 
     doc = (DOCS / "policy.md").read_text()
     section = re.search(r"^## Settings\n(.*?)(?=^## |\Z)", doc, re.M | re.S)
@@ -264,13 +264,13 @@ def test_policy_examples_in_the_docs_are_valid() -> None:
 # message. The call inside a helper is not a site; each call *to* it (from its own module, or
 # one that imports it by name) is.
 WARN_WRAPPERS: dict[tuple[str, str], int] = {
-    ("quantization.py", "warn_once"): 0,
+    ("loading/quantization.py", "warn_once"): 0,
     ("interception/bootstrap.py", "_warn_once"): 0,
     ("plugins.py", "_warn_env"): 0,
     ("passes/sdpa_backends.py", "BackendChain._log_once"): 0,
     ("cli.py", "_cmd_explain.fail"): 0,
     ("cli.py", "_Parser.error"): 0,  # parser.error(...): argparse-style usage errors
-    ("pipeline_resilience.py", "_add_note"): 1,  # PEP 678 notes added to the user's exception
+    ("pipelines/resilience.py", "_add_note"): 1,  # PEP 678 notes added to the user's exception
 }
 LOG_LEVEL_METHODS = {"warning", "warn", "error", "exception", "critical", "fatal"}
 LOGGERS = {"logger", "log", "_logger", "LOGGER", "logging"}
@@ -280,7 +280,7 @@ NOT_USER_FACING = {
                       "fused pass turns into a PassSkipped reason",
     "MaskRejected": "per-call fallback reasons of the fused encoder, counted in runtime_of(model).stats "
                     "and listed in docs/fused-encoder.md ('When the original forward runs')",
-    "_NotPerInput": "control flow inside pipeline_resilience.py, caught in the same module",
+    "_NotPerInput": "control flow inside pipelines/resilience.py, caught in the same module",
 }
 MIN_PHRASE = 12  # characters of literal text a documented phrase must pin down
 HOLE = "\x00"  # a formatted value inside a message template

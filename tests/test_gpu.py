@@ -30,8 +30,8 @@ TEXTS = [f"text number {i} " + "more words " * (i % 7) for i in range(37)]
 def test_replicas_on_two_gpus_match_one_gpu(tiny_model_factory) -> None:
     import transformers
 
-    from transformers_fastpath.replica_workers import WorkerReplica
-    from transformers_fastpath.replicas import replicas_of
+    from transformers_fastpath.pipelines.replica_workers import WorkerReplica
+    from transformers_fastpath.pipelines.replicas import replicas_of
 
     path = str(tiny_model_factory("bert", "seq-cls"))
     single = transformers.pipeline("text-classification", model=path,

@@ -17,7 +17,7 @@ import transformers
 
 import transformers_fastpath as fp
 from transformers_fastpath.errors import StrictModeError
-from transformers_fastpath.pipeline_resilience import (
+from transformers_fastpath.pipelines.resilience import (
     _splittable,
     enable_resilience,
     gather_shards,

@@ -14,10 +14,10 @@ from conftest import torchrun_env
 
 import transformers_fastpath as fp
 from transformers_fastpath import Hardware, resolve
-from transformers_fastpath import quantization as q
+from transformers_fastpath.loading import quantization as q
 from transformers_fastpath.errors import PolicyError, StrictModeError
-from transformers_fastpath.placement import PlacementError, tensor_parallel_kwargs
-from transformers_fastpath.replicas import (
+from transformers_fastpath.loading.placement import PlacementError, tensor_parallel_kwargs
+from transformers_fastpath.pipelines.replicas import (
     disable_replicas,
     enable_replicas,
     replicas_of,
@@ -257,7 +257,7 @@ def test_settle_loaded_model_drops_accelerates_one_device_mark() -> None:
     transformers' pipeline accepts device= for it; quantized ones and the caller's maps keep the mark."""
     from torch import nn
 
-    from transformers_fastpath.placement import settle_loaded_model
+    from transformers_fastpath.loading.placement import settle_loaded_model
 
     plan = resolve(bert(), hardware=H100)
     for placed_by_fastpath, device_map, kept in [(True, {"": "cuda:0"}, False), (False, {"": "cuda:0"}, True),
@@ -428,7 +428,7 @@ def test_replicas_in_worker_processes(classifier_reference, monkeypatch: pytest.
     with the parent's plan pinned, results come back in order, and a dead worker loses nothing."""
     import transformers
 
-    from transformers_fastpath.replica_workers import WorkerReplica, recipe_for
+    from transformers_fastpath.pipelines.replica_workers import WorkerReplica, recipe_for
 
     path, reference = classifier_reference
     two = Hardware(device="cpu", count=2, memory_gib=32, cpu_count=2)
@@ -457,7 +457,7 @@ def test_replicas_in_worker_processes(classifier_reference, monkeypatch: pytest.
 def test_worker_replicas_need_a_loadable_checkpoint(classifier_reference) -> None:
     import transformers
 
-    from transformers_fastpath.replica_workers import recipe_for
+    from transformers_fastpath.pipelines.replica_workers import recipe_for
 
     path, _ = classifier_reference
     pipe = transformers.pipeline("text-classification", model=str(path), fastpath=True)
@@ -471,7 +471,7 @@ def test_worker_replicas_need_a_loadable_checkpoint(classifier_reference) -> Non
 def test_worker_recipe_pins_the_hub_commit_the_parent_loaded(classifier_reference) -> None:
     import transformers
 
-    from transformers_fastpath.replica_workers import recipe_for
+    from transformers_fastpath.pipelines.replica_workers import recipe_for
 
     path, _ = classifier_reference
     pipe = transformers.pipeline("text-classification", model=str(path), revision="main", fastpath=True)
@@ -484,7 +484,7 @@ def test_worker_recipe_pins_the_hub_commit_the_parent_loaded(classifier_referenc
 
 
 def test_a_worker_that_cannot_build_its_pipeline_says_why() -> None:
-    from transformers_fastpath.replica_workers import PipelineRecipe, WorkerReplica, WorkerUnavailable
+    from transformers_fastpath.pipelines.replica_workers import PipelineRecipe, WorkerReplica, WorkerUnavailable
 
     worker = WorkerReplica(PipelineRecipe({"task": "text-classification", "model": "/nonexistent/checkpoint"},
                                           {"defaults": {}}), "cpu", threads=1)

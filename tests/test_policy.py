@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from transformers_fastpath import Hardware, Policy, PolicyError, load_policy
-from transformers_fastpath.model_info import ModelInfo
-from transformers_fastpath.policy import SETTINGS, parse_count, parse_memory_gib
+from transformers_fastpath.planning.model_info import ModelInfo
+from transformers_fastpath.planning.policy import SETTINGS, parse_count, parse_memory_gib
 
 GOOD = """
 [defaults]

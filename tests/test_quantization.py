@@ -10,7 +10,7 @@ import pytest
 
 import transformers_fastpath as fp
 from transformers_fastpath import Hardware, resolve
-from transformers_fastpath import quantization as q
+from transformers_fastpath.loading import quantization as q
 from transformers_fastpath.errors import FastpathError
 
 GPU16 = Hardware.from_profile("cuda:1x16:sm89")

@@ -153,7 +153,7 @@ def test_public_names_are_functions_whatever_was_imported_first() -> None:
 # -- bad arguments: a task typo, a local path that does not exist ----------------------------------
 
 def test_resolve_refuses_an_unknown_task_naming_the_close_match(config_only_dir: Path) -> None:
-    from transformers_fastpath.tasks import UnknownTaskError
+    from transformers_fastpath.planning.tasks import UnknownTaskError
 
     with pytest.raises(UnknownTaskError) as info:
         resolve(config_only_dir, task="text-clasification", hardware=CPU)

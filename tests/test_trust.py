@@ -235,7 +235,7 @@ def test_policies_are_read_as_toml_data_only(tmp_path: Path) -> None:
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
         with pytest.raises(fp.PolicyError):
             fp.load_policy(path)
-    from transformers_fastpath.policy import SETTINGS
+    from transformers_fastpath.planning.policy import SETTINGS
 
     for key in SETTINGS:
         for where in ({"defaults": {key: payload}},

@@ -18,7 +18,7 @@ from conftest import REPO
 import transformers_fastpath as fp
 from transformers_fastpath.errors import FastpathError
 from transformers_fastpath.interception import bootstrap, compat, guard, patches
-from transformers_fastpath.placement import tensor_parallel_kwargs
+from transformers_fastpath.loading.placement import tensor_parallel_kwargs
 
 
 @pytest.fixture(autouse=True)

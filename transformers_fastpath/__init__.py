@@ -23,13 +23,13 @@ from ._version import __version__
 if TYPE_CHECKING:
     from .api import apply, pipeline, plan_of, revert
     from .errors import FastpathError, PassSkipped, PolicyError, RollbackError, StrictModeError
-    from .hardware import Hardware
+    from .planning.hardware import Hardware
     from .hookspecs import hookimpl
     from .interception.install import enabled, install, is_installed, uninstall
-    from .model_info import ModelInfo
-    from .plan import Decision, PassStatus, Plan
-    from .policy import Policy, load_policy
-    from .resolution import resolve
+    from .planning.model_info import ModelInfo
+    from .planning.plan import Decision, PassStatus, Plan
+    from .planning.policy import Policy, load_policy
+    from .planning.resolution import resolve
     from .trainer import FastpathCallback
 
 _LAZY: dict[str, str] = {
@@ -37,19 +37,19 @@ _LAZY: dict[str, str] = {
     "uninstall": "interception.install",
     "enabled": "interception.install",
     "is_installed": "interception.install",
-    "load_policy": "policy",
-    "Policy": "policy",
+    "load_policy": "planning.policy",
+    "Policy": "planning.policy",
     "PolicyError": "errors",
     "FastpathError": "errors",
     "PassSkipped": "errors",
     "StrictModeError": "errors",
     "RollbackError": "errors",
-    "Hardware": "hardware",
-    "ModelInfo": "model_info",
-    "resolve": "resolution",
-    "Plan": "plan",
-    "Decision": "plan",
-    "PassStatus": "plan",
+    "Hardware": "planning.hardware",
+    "ModelInfo": "planning.model_info",
+    "resolve": "planning.resolution",
+    "Plan": "planning.plan",
+    "Decision": "planning.plan",
+    "PassStatus": "planning.plan",
     "apply": "api",
     "revert": "api",
     "plan_of": "api",

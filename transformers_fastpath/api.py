@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .hardware import Hardware
+from .planning.hardware import Hardware
 from .passes.runner import apply_plan, plan_of, revert_model
-from .plan import Plan
-from .policy import PolicyLike
-from .resolution import resolve
+from .planning.plan import Plan
+from .planning.policy import PolicyLike
+from .planning.resolution import resolve
 
 __all__ = ["apply", "revert", "plan_of", "pipeline"]
 

@@ -14,11 +14,11 @@ __all__ = ["main"]
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     from .errors import FastpathError, PolicyError
-    from .hardware import Hardware
-    from .model_info import ModelInfo, missing_local_directory
-    from .policy import load_policy
-    from .resolution import resolve
-    from .tasks import UnknownTaskError, check_task
+    from .planning.hardware import Hardware
+    from .planning.model_info import ModelInfo, missing_local_directory
+    from .planning.policy import load_policy
+    from .planning.resolution import resolve
+    from .planning.tasks import UnknownTaskError, check_task
 
     def fail(message: str) -> int:
         print(f"transformers-fastpath explain: {_one_line(message)}", file=sys.stderr)

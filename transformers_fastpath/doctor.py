@@ -68,7 +68,7 @@ def diagnose() -> dict[str, Any]:
     import transformers
 
     from ._version import __version__
-    from .hardware import Hardware
+    from .planning.hardware import Hardware
     from .interception import bootstrap
 
     hw = Hardware.detect()

@@ -19,9 +19,9 @@ import pluggy
 if TYPE_CHECKING:
     from torch import nn
 
-    from .hardware import Hardware
+    from .planning.hardware import Hardware
     from .passes.base import Pass
-    from .plan import Plan, PlanBuilder
+    from .planning.plan import Plan, PlanBuilder
 
 PROJECT_NAME = "transformers_fastpath"
 
@@ -60,7 +60,7 @@ def fastpath_policy_rules(hardware: Hardware) -> Sequence[Mapping[str, Any]] | N
 def fastpath_resolve_plan(plan: PlanBuilder) -> None:
     """Adjust the plan after the policy layers are merged.
 
-    Called once per resolution with a mutable :class:`~transformers_fastpath.plan.PlanBuilder`.
+    Called once per resolution with a mutable :class:`~transformers_fastpath.planning.plan.PlanBuilder`.
     Built-in plugins resolve ``"auto"`` values here (they are marked ``tryfirst``, so
     third-party implementations see concrete values). Use ``plan.set(key, value, reason=...,
     source="plugin NAME")`` to change a setting and ``plan.skip(pass_name, reason)`` to veto a

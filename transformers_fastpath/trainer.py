@@ -31,15 +31,15 @@ from transformers import TrainerCallback
 
 from .errors import FastpathError
 from .passes.runner import PLAN_ATTR, apply_plan, canonical_for_save, revert_model
-from .plan import Decision, Plan
+from .planning.plan import Decision, Plan
 from .plugins import get_passes
-from .policy import PolicyLike, load_policy
+from .planning.policy import PolicyLike, load_policy
 
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedModel, TrainerControl, TrainerState, TrainingArguments
 
-    from .hardware import Hardware
+    from .planning.hardware import Hardware
     from .passes.base import Pass
 
 __all__ = ["FastpathCallback", "CALLBACK_SOURCE", "trained_transformers_models"]
@@ -131,7 +131,7 @@ class FastpathCallback(TrainerCallback):
         return targets
 
     def _convert(self, model: PreTrainedModel, args: TrainingArguments | None) -> Plan:
-        from .resolution import resolve
+        from .planning.resolution import resolve
 
         # The model's real dtype is passed like a caller's argument so that the attention choice
         # (flash attention wants half precision) follows the weights the Trainer will train.
@@ -245,7 +245,7 @@ def _gathers_state_dict_itself(args: TrainingArguments) -> bool:
 
 def _hardware_for(args: TrainingArguments | None) -> Hardware:
     """This machine, or a CPU when the Trainer trains on the CPU of a machine with a GPU (``use_cpu``)."""
-    from .hardware import Hardware
+    from .planning.hardware import Hardware
 
     detected = Hardware.detect()
     if args is None or detected.device == "cpu" or args.device.type != "cpu":

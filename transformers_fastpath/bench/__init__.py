@@ -68,7 +68,7 @@ logger = logging.getLogger("transformers_fastpath.bench")
 
 def availability(options: dict[str, Any] | None = None) -> dict[str, str | None]:
     """Workload name -> why it cannot run on this machine with ``options`` (None: it can)."""
-    from ..hardware import Hardware
+    from ..planning.hardware import Hardware
 
     hardware = Hardware.detect()
     return {name: workload.unavailable(hardware, options) for name, workload in WORKLOADS.items()}

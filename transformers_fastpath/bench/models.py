@@ -263,7 +263,7 @@ def modules_of(obj: Any) -> list[Any]:
     found: list[Any] = []
     candidates: Iterable[Any] = (obj,)
     if not isinstance(obj, nn.Module):
-        from ..replicas import replicas_of
+        from ..pipelines.replicas import replicas_of
 
         replicas = replicas_of(obj) if hasattr(obj, "model") else []
         candidates = [getattr(r, "model", None) for r in replicas] or [getattr(obj, "model", None)]

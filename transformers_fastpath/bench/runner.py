@@ -119,7 +119,7 @@ def environment() -> dict[str, Any]:
     import transformers
 
     from .. import __version__
-    from ..hardware import Hardware
+    from ..planning.hardware import Hardware
 
     hw = Hardware.detect()
     if hw.device == "cuda":
@@ -223,7 +223,7 @@ class Bench:
 
     def __init__(self, name: str, description: str, *, quick: bool = False, repeats: int | None = None,
                  options: dict[str, Any] | None = None, progress: bool = True) -> None:
-        from ..hardware import Hardware
+        from ..planning.hardware import Hardware
 
         self.name = name
         self.description = description

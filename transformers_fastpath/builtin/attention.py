@@ -41,7 +41,7 @@ from ..hookspecs import hookimpl
 from ..passes.base import Pass
 from ..passes.generation import is_generative
 from ..passes.sdpa_backends import SdpaBackendsPass
-from ..plan import SOURCE_ARGUMENT, PlanBuilder
+from ..planning.plan import SOURCE_ARGUMENT, PlanBuilder
 from .defaults import _resolve_dtype
 
 __all__ = ["auto_sdpa_chain", "choose_attention", "flash_problem"]

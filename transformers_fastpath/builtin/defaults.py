@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 
 from ..hookspecs import hookimpl
-from ..plan import SOURCE_ARGUMENT, PlanBuilder
+from ..planning.plan import SOURCE_ARGUMENT, PlanBuilder
 
 # Pipelines whose inputs are independent texts/images: batching and length sorting pay off.
 BATCHED_TASKS = frozenset({

@@ -25,7 +25,7 @@ from ..passes.generation import (
     describe_buckets,
     is_generative,
 )
-from ..plan import PlanBuilder
+from ..planning.plan import PlanBuilder
 
 __all__ = ["resolve_generation"]
 

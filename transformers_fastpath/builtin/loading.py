@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..hookspecs import hookimpl
-from ..plan import Plan
+from ..planning.plan import Plan
 
 _TORCH_DTYPES = ("float32", "float16", "bfloat16")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..hookspecs import hookimpl
-from ..plan import Plan
+from ..planning.plan import Plan
 
 
 @hookimpl(tryfirst=True)
@@ -28,15 +28,15 @@ def fastpath_pipeline_kwargs(plan: Plan, kwargs: dict[str, Any]) -> None:
 def fastpath_pipeline_created(plan: Plan, pipeline: Any) -> None:
     # Order matters: resilience sits below length sorting, and both below replicas (placement
     # plugin, called after this tryfirst one), so each replica splits and isolates on its own.
-    from ..pipeline_resilience import enable_resilience
+    from ..pipelines.resilience import enable_resilience
 
     if getattr(pipeline, "task", None) == "feature-extraction":
-        from ..pipeline_outputs import enable_own_tokens
+        from ..pipelines.outputs import enable_own_tokens
 
         enable_own_tokens(pipeline)  # each input's own tokens at any batch size, as a batch-1 call gives
     input_errors = plan.get("input_errors")
     enable_resilience(pipeline, input_errors if input_errors in ("raise", "return") else "raise")
     if plan.get("length_bucketing") is True:
-        from ..batching import enable_length_sorting
+        from ..pipelines.batching import enable_length_sorting
 
         enable_length_sorting(pipeline)

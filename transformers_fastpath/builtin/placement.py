@@ -2,7 +2,7 @@
 
 Its ``fastpath_resolve_plan`` runs before the defaults plugin (``tryfirst``, registered after
 it) so it can resolve ``placement``, ``quantization = "auto"`` and, under torchrun, ``device``
-while they are still ``auto`` (see :func:`transformers_fastpath.placement.resolve_placement`).
+while they are still ``auto`` (see :func:`transformers_fastpath.loading.placement.resolve_placement`).
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from ..hookspecs import hookimpl
-from ..placement import (
+from ..loading.placement import (
     load_kwargs,
     pipeline_conflicts,
     replica_devices,
     resolve_placement,
 )
-from ..plan import Plan, PlanBuilder
+from ..planning.plan import Plan, PlanBuilder
 
 
 @hookimpl(tryfirst=True)
@@ -40,7 +40,7 @@ def fastpath_pipeline_kwargs(plan: Plan, kwargs: dict[str, Any]) -> None:
 @hookimpl
 def fastpath_pipeline_created(plan: Plan, pipeline: Any) -> None:
     if plan.get("placement") == "replicate":
-        from ..replicas import enable_replicas
+        from ..pipelines.replicas import enable_replicas
 
         enable_replicas(pipeline, replica_devices(plan.hardware), plan=plan)
 

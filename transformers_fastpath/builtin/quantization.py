@@ -13,8 +13,8 @@ from collections.abc import Generator
 from typing import Any
 
 from ..hookspecs import hookimpl
-from ..plan import Plan, PlanBuilder
-from ..quantization import (
+from ..planning.plan import Plan, PlanBuilder
+from ..loading.quantization import (
     METHODS,
     QuantizationUnavailable,
     build_quantization_config,

@@ -161,7 +161,7 @@ def _patch_pipelines(module: ModuleType) -> None:
 
 def _install_from_env() -> None:
     from ..errors import PolicyError
-    from ..policy import load_policy
+    from ..planning.policy import load_policy
     from . import patches, state
 
     if state.installed_policy() is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from ..policy import PolicyLike, load_policy
+from ..planning.policy import PolicyLike, load_policy
 from . import bootstrap, guard, patches, state
 
 __all__ = ["install", "uninstall", "enabled", "is_installed"]

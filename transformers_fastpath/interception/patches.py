@@ -145,7 +145,7 @@ def _make_from_pretrained(orig: Any) -> Any:
 def _fastpath_load(orig: Any, cls: type, path: Any, args: tuple, kwargs: dict[str, Any], policy: Any) -> Any:
     from ..errors import FastpathError
     from ..passes.runner import apply_plan
-    from ..resolution import resolve
+    from ..planning.resolution import resolve
 
     ctx = state.load_context()
     task = ctx.task if ctx else None
@@ -155,7 +155,7 @@ def _fastpath_load(orig: Any, cls: type, path: Any, args: tuple, kwargs: dict[st
         target = config if config is not None and not isinstance(config, str) else path
         try:
             if target is path:
-                from ..model_info import ModelInfo
+                from ..planning.model_info import ModelInfo
 
                 target = ModelInfo.from_pretrained(path, task=task, **_hub_kwargs(kwargs))
             plan = resolve(target, task=task, policy=policy, call_kwargs=kwargs)
@@ -168,7 +168,7 @@ def _fastpath_load(orig: Any, cls: type, path: Any, args: tuple, kwargs: dict[st
     extra = {k: v for k, v in plan.load_kwargs.items() if kwargs.get(k) is None and not _conflicts(k, kwargs)}
     with state.loading():
         model = orig(cls, path, *args, **kwargs, **extra)
-    from ..placement import settle_loaded_model
+    from ..loading.placement import settle_loaded_model
 
     settle_loaded_model(model, plan, placed_by_fastpath="device_map" in extra)
     apply_plan(model, plan.with_task(task))
@@ -258,13 +258,13 @@ def _make_pipeline(orig: Any) -> Any:
 def _fastpath_pipeline(orig: Any, call: dict[str, Any], policy: Any) -> Any:
     from ..passes.runner import apply_plan, plan_of
     from ..plugins import get_plugin_manager
-    from ..resolution import resolve
+    from ..planning.resolution import resolve
 
     task, model = call.get("task"), call.get("model")
     model_kwargs = dict(call.get("model_kwargs") or {})
     plan = None
     if isinstance(model, str):
-        from ..model_info import ModelInfo
+        from ..planning.model_info import ModelInfo
 
         try:
             info = ModelInfo.from_pretrained(model, task=task, **_hub_kwargs(call))
@@ -290,7 +290,7 @@ def _fastpath_pipeline(orig: Any, call: dict[str, Any], policy: Any) -> Any:
         pipe = orig(**call)
     final = plan_of(pipe.model) or plan
     if final is not None:
-        from ..replica_workers import remember_load_call
+        from ..pipelines.replica_workers import remember_load_call
 
         remember_load_call(pipe, call)
         final = final.with_task(getattr(pipe, "task", task))

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..plan import Plan
-    from ..policy import Policy
+    from ..planning.plan import Plan
+    from ..planning.policy import Policy
 
 __all__ = ["UNSET", "LoadContext", "policy_for_call", "scoped_policy", "load_context", "pipeline_load",
            "inside_load", "loading", "set_installed_policy", "installed_policy"]
@@ -63,7 +63,7 @@ def policy_for_call(argument: Any = UNSET) -> Policy | None:
     one; a path/dict/Policy is loaded (PolicyError on a bad one); no argument defers to the
     ``enabled()`` scope, then to ``install()``.
     """
-    from ..policy import load_policy
+    from ..planning.policy import load_policy
 
     if argument is False:
         return None

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..model_info import ModelInfo
-    from ..plan import Plan, PlanBuilder
+    from ..planning.model_info import ModelInfo
+    from ..planning.plan import Plan, PlanBuilder
 
 __all__ = ["Pass"]
 

@@ -31,7 +31,7 @@ from .transaction import ModelSnapshot
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..plan import Plan
+    from ..planning.plan import Plan
     from .base import Pass
 
 __all__ = ["PLAN_ATTR", "apply_plan", "canonical_for_save", "plan_of", "record_run_time_failure", "revert_model"]

@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from ..model_info import ModelInfo
-    from ..plan import Plan, PlanBuilder
+    from ..planning.model_info import ModelInfo
+    from ..planning.plan import Plan, PlanBuilder
 
 __all__ = [
     "BACKEND_NAMES",

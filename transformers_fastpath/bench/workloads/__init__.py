@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ...hardware import Hardware
+    from ...planning.hardware import Hardware
     from ..runner import Bench
 
 __all__ = ["WORKLOADS", "Workload"]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ..models import TOKENIZER_MISSING, tokenizer_path
 
 if TYPE_CHECKING:
-    from ...hardware import Hardware
+    from ...planning.hardware import Hardware
 
 __all__ = ["dtype_name", "enable_fastpath_kwarg", "needs_tokenizer", "plan_summary", "quiet_transformers"]
 

@@ -67,7 +67,7 @@ def run_pipeline(bench: Bench, *, task: str, path: str, what: str, texts: list[s
             return compare_embeddings(reference, candidate, lengths, half=half_involved)
         return compare_probabilities(reference, candidate, half=half_involved)
 
-    from ...replicas import replicas_of
+    from ...pipelines.replicas import replicas_of
 
     bench.config.update(
         model=what, task=task, texts=len(texts),

@@ -18,7 +18,7 @@ from ._common import needs_tokenizer
 from ._pipelines import run_pipeline
 
 if TYPE_CHECKING:
-    from ...hardware import Hardware
+    from ...planning.hardware import Hardware
 
 
 def requires(hardware: Hardware, options: Mapping[str, Any]) -> str | None:

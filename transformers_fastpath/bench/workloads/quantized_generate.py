@@ -18,7 +18,7 @@ from ._common import plan_summary
 from ._generate import llama_setup, load_causal, measure_generate
 
 if TYPE_CHECKING:
-    from ...hardware import Hardware
+    from ...planning.hardware import Hardware
 
 
 def requires(hardware: Hardware, options: Mapping[str, Any]) -> str | None:

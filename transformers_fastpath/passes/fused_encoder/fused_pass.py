@@ -12,8 +12,8 @@ from .support import ATTENTION_IMPLEMENTATIONS, config_reason
 if TYPE_CHECKING:
     from torch import nn
 
-    from ...model_info import ModelInfo
-    from ...plan import Plan, PlanBuilder
+    from ...planning.model_info import ModelInfo
+    from ...planning.plan import Plan, PlanBuilder
     from .runtime import RouteChoice
 
 __all__ = ["FusedEncoderPass"]

@@ -235,7 +235,7 @@ class FusedForward:
         after an out-of-memory error, which may be this batch's alone: the conversion stays.
         """
         runtime = self.runtime
-        from ...pipeline_resilience import is_out_of_memory
+        from ...pipelines.resilience import is_out_of_memory
 
         if is_out_of_memory(failure):
             # Memory short for this batch only, maybe: the original runs this call (or raises its

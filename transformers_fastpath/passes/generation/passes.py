@@ -31,8 +31,8 @@ from .request import GenerateRequest, apply_updates, bind_generate_call, plan_re
 if TYPE_CHECKING:
     from torch import nn
 
-    from ...model_info import ModelInfo
-    from ...plan import Plan, PlanBuilder
+    from ...planning.model_info import ModelInfo
+    from ...planning.plan import Plan, PlanBuilder
 
 __all__ = ["COMPILE_PASS", "DECODE_LOOP_PASS", "GENERATION_TASKS", "STATIC_PASS", "CompilePass", "DecodeLoopPass",
            "FastGenerate", "StaticCachePass", "is_generative", "model_class"]

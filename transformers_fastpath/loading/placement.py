@@ -1,10 +1,10 @@
 """Where a model goes: one device, balanced shards, one replica per GPU, or tensor parallel.
 
 ``resolve_placement`` decides ``placement`` (and ``quantization = "auto"``, which depends on
-the same memory arithmetic) on a :class:`~transformers_fastpath.plan.PlanBuilder`;
+the same memory arithmetic) on a :class:`~transformers_fastpath.planning.plan.PlanBuilder`;
 ``load_kwargs`` turns the decision into ``from_pretrained`` arguments (``device_map``,
 ``max_memory``, ``distributed_config`` / ``tp_plan``). Replicas are built on the pipeline
-(:mod:`transformers_fastpath.replicas`).
+(:mod:`transformers_fastpath.pipelines.replicas`).
 
 Memory arithmetic: weights = parameters at the plan's dtype (quantized layers at the
 method's rate); the budget of a device is its memory less ``memory_headroom`` (kept for
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 # BATCHED_TASKS: pipelines fed lists of independent inputs, where one replica per GPU pays off.
-from .builtin.defaults import BATCHED_TASKS
-from .errors import FastpathError, PolicyError, StrictModeError
-from .plan import SOURCE_ARGUMENT
+from ..builtin.defaults import BATCHED_TASKS
+from ..errors import FastpathError, PolicyError, StrictModeError
+from ..planning.plan import SOURCE_ARGUMENT
 from .quantization import (
     AUTO_ORDER,
     METHODS,
@@ -34,9 +34,9 @@ from .quantization import (
 )
 
 if TYPE_CHECKING:
-    from .hardware import Hardware
-    from .model_info import ModelInfo
-    from .plan import Plan, PlanBuilder
+    from ..planning.hardware import Hardware
+    from ..planning.model_info import ModelInfo
+    from ..planning.plan import Plan, PlanBuilder
 
 __all__ = [
     "PlacementError",
@@ -340,7 +340,7 @@ def _auto(plan: PlanBuilder, memory: _Memory, prefix: str = "") -> None:
 def _choose_method(plan: PlanBuilder, memory: _Memory, shards: int | None = None) -> tuple[str, int] | None:
     """``quantization = auto``: the least lossy method that runs here and fits; sets the decision.
 
-    Methods in :data:`~transformers_fastpath.quantization.AUTO_ORDER` (int8 before 4-bit); for
+    Methods in :data:`~transformers_fastpath.loading.quantization.AUTO_ORDER` (int8 before 4-bit); for
     each, one device first, then every GPU when ``shards`` allows (int8 over two GPUs beats nf4
     on one). Returns (method, shards), or None after setting ``quantization = none`` with the reason.
     """

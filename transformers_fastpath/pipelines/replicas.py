@@ -17,7 +17,7 @@ Two kinds of replica (``workers``):
   share one GIL: on two H100s a BERT-base classifier ran 0.60x of one GPU this way.
 
 The pipeline object keeps its class for ``isinstance``; only ``__call__`` changes (a subclass
-swap, as :mod:`transformers_fastpath.batching` does). A worker that fails has its shard re-run
+swap, as :mod:`transformers_fastpath.pipelines.batching` does). A worker that fails has its shard re-run
 on the first replica (logged once), so no input is lost.
 """
 
@@ -32,8 +32,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
 from .batching import call_override_subclass
-from .pipeline_resilience import gather_shards
-from .plan import Plan
+from .resilience import gather_shards
+from ..planning.plan import Plan
 from .replica_workers import WorkerReplica, WorkerUnavailable, recipe_for
 
 __all__ = ["disable_replicas", "enable_replicas", "replicas_of", "split_contiguous"]

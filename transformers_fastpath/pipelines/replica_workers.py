@@ -11,7 +11,7 @@ parent's decisions.
 
 The recipe needs a checkpoint the worker can load (a local directory or a Hub id, as
 ``model.name_or_path``) and picklable pipeline parameters; :func:`recipe_for` says why when
-there is none, and :mod:`transformers_fastpath.replicas` then uses thread replicas. A worker
+there is none, and :mod:`transformers_fastpath.pipelines.replicas` then uses thread replicas. A worker
 loads the checkpoint, not the parent's model object: weights changed in memory after loading
 (a fine-tune, ``load_state_dict``) are not seen by it -- pass ``workers="threads"`` for such
 a pipeline. Models carrying PEFT adapters get thread replicas automatically.
@@ -32,7 +32,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .plan import Plan
+from ..planning.plan import Plan
 
 __all__ = ["PipelineRecipe", "WorkerReplica", "WorkerUnavailable", "recipe_for", "remember_load_call"]
 
@@ -105,8 +105,8 @@ def recipe_for(pipeline: Any, plan: Plan | None) -> PipelineRecipe | str:
 
 def _pinned_policy(plan: Plan) -> dict[str, Any]:
     """The plan's resolved settings as a policy that resolves to the same decisions (placement single)."""
-    from .errors import PolicyError
-    from .policy import Policy
+    from ..errors import PolicyError
+    from ..planning.policy import Policy
 
     defaults: dict[str, Any] = {}
     for key, decision in plan.settings.items():
@@ -140,7 +140,7 @@ def _worker_init(recipe: PipelineRecipe, device: str, threads: int | None) -> No
 
         if threads:
             torch.set_num_threads(threads)
-        from .api import pipeline
+        from ..api import pipeline
 
         _PIPELINE = pipeline(**recipe.call, device=device, fastpath=recipe.policy)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent by every task

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
 
-from ..errors import PolicyError
+from ...errors import PolicyError
 from .model import Policy
 
 if sys.version_info >= (3, 11):

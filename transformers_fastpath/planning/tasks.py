@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from .errors import FastpathError
+from ..errors import FastpathError
 
 __all__ = ["UnknownTaskError", "check_task", "known_tasks"]
 

@@ -1,7 +1,7 @@
 """Length-sorted batching for pipelines fed lists: batches pad little, results keep the caller's order.
 
 The sorting ``__call__`` hands the sorted list to the class below it -- the one from
-:mod:`transformers_fastpath.pipeline_resilience` when that is on -- and tells it, through
+:mod:`transformers_fastpath.pipelines.resilience` when that is on -- and tells it, through
 :data:`CALLER_INDICES`, which caller index each sorted position has, so errors name the
 caller's indices; results attached to such an error (``exc.fastpath_results``) are put back in
 the caller's order here, like the returned results.

@@ -102,7 +102,7 @@ class ModelInfo:
 
         ``task`` must be a pipeline task of the installed transformers (or one its config declares,
         or one transformers removed in 5.x): a typo raises
-        :class:`~transformers_fastpath.tasks.UnknownTaskError` naming the close match.
+        :class:`~transformers_fastpath.planning.tasks.UnknownTaskError` naming the close match.
         """
         info = cls._of(target, task)
         if task is not None:  # after reading the config: it may declare custom pipeline tasks

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from ..errors import PolicyError
+from ...errors import PolicyError
 from .schema import MATCH_KEYS, SETTINGS, Invalid
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from typing import Any
 from .hardware import Hardware
 from .model_info import ModelInfo
 from .plan import SOURCE_ARGUMENT, SOURCE_DEFAULT, Plan, PlanBuilder, _show
-from .plugins import get_passes, get_plugin_manager
+from ..plugins import get_passes, get_plugin_manager
 from .policy import SETTINGS, Policy, PolicyLike, load_policy
 from .policy.schema import DTYPES
 

@@ -1,7 +1,7 @@
 """Pipelines created with fastpath never lose inputs: out-of-memory batches are split, bad inputs isolated.
 
 ``enable_resilience(pipe)`` changes only ``pipe.__call__`` for *lists* (a subclass swap, as
-:mod:`transformers_fastpath.batching` does; ``isinstance`` holds). The list is run in chunks of
+:mod:`transformers_fastpath.pipelines.batching` does; ``isinstance`` holds). The list is run in chunks of
 the batch size, each chunk one call of the pipeline's own ``__call__`` -- so batches are made
 of exactly the inputs transformers would put together, and a failure costs only its chunk.
 
@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .batching import CALLER_INDICES, call_override_subclass, input_length
-from .errors import FastpathError
+from ..errors import FastpathError
 
 __all__ = ["INPUT_ERRORS", "disable_resilience", "enable_resilience", "gather_shards", "is_out_of_memory",
            "resilience_of"]
@@ -86,7 +86,7 @@ class ResilienceState:
 def enable_resilience(pipeline: Any, input_errors: str = "raise") -> None:
     """Make ``pipeline(list)`` split out-of-memory batches and isolate failing inputs (see module doc).
 
-    Call it before :func:`~transformers_fastpath.batching.enable_length_sorting` and replicas
+    Call it before :func:`~transformers_fastpath.pipelines.batching.enable_length_sorting` and replicas
     (the built-in pipeline plugin does), so it sits below them; idempotent (updates the mode).
     """
     if input_errors not in INPUT_ERRORS:

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from .errors import FastpathError
+from ..errors import FastpathError
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-    from .hardware import Hardware
+    from ..planning.hardware import Hardware
 
 __all__ = [
     "AUTO_ORDER",
@@ -331,7 +331,7 @@ _cache_lock = threading.Lock()
 def _build_inventory(config: PretrainedConfig) -> LayerInventory | None:
     from torch import nn
 
-    from .model_info import meta_model
+    from ..planning.model_info import meta_model
 
     try:
         model = meta_model(config)
