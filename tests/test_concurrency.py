@@ -378,7 +378,7 @@ for t in threads: t.join()
 import transformers.pipelines as pl, transformers.pipelines.base as base
 from transformers import AutoModel, PreTrainedModel
 import transformers_fastpath as fp
-from transformers_fastpath.interception import patches
+from transformers_fastpath.interception import patches, targets
 
 def depth(obj):
     obj, n = getattr(obj, "__func__", obj), 0
@@ -388,7 +388,7 @@ def depth(obj):
 
 depths = [depth(PreTrainedModel.__dict__["from_pretrained"]), depth(PreTrainedModel.__dict__["save_pretrained"]),
           depth(pl.__dict__["pipeline"]), depth(pl.__dict__["load_model"]), depth(base.__dict__["load_model"]),
-          *[depth(m.pipeline) for m in patches._transformers_module_objects()]]
+          *[depth(m.pipeline) for m in targets.transformers_module_objects()]]
 model = AutoModel.from_pretrained({path!r})
 print(json.dumps({{"errors": errors, "depths": depths, "installed": fp.is_installed(),
                   "originals_clean": not any(patches.is_wrapper(v[1]) for v in patches._originals.values()),

@@ -16,12 +16,11 @@ import torch
 import transformers
 
 import transformers_fastpath as fp
-from transformers_fastpath.errors import StrictModeError
+from transformers_fastpath.errors import StrictModeError, is_out_of_memory
 from transformers_fastpath.pipelines.resilience import (
     _splittable,
     enable_resilience,
     gather_shards,
-    is_out_of_memory,
     resilience_of,
 )
 

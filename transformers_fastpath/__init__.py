@@ -11,6 +11,29 @@ Three ways in::
 
 The package's top level is imported at every interpreter start-up (by the ``.pth``
 bootstrap), so names are loaded lazily: importing it costs no torch or transformers import.
+
+Layout, one job per folder (docs/architecture.md draws the data flow through them)::
+
+    planning/      policy/, hardware, model_info, tasks, resolution (resolve), plan (Plan)
+    loading/       placement, quantization: the plan -> from_pretrained arguments
+    passes/        the optimizations on a loaded model (fused_encoder/, generation/, sdpa_backends),
+                   their runner and the transactional apply/revert
+    pipelines/     the pipeline runtime: batching, resilience, outputs, replicas, replica_workers
+    builtin/       the built-in plugins: each hooks one of the above into the hook specs
+    interception/  the only code that replaces transformers' functions (from_pretrained, pipeline,
+                   save_pretrained) and the .pth start-up bootstrap
+    bench/         ``transformers-fastpath bench``; cli, doctor, api, trainer: the entry points
+
+Import rules (tests/test_architecture.py checks them): no import circle between modules or
+between folders; ``planning`` imports neither torch nor transformers at module import and
+nothing but ``errors``, ``plugins`` and ``hookspecs`` outside itself; ``passes`` never import
+``interception``, ``cli`` or ``bench``; only ``interception`` assigns to transformers' modules
+and classes. Folders depend one way: ``builtin`` and ``bench`` on everything below them;
+``pipelines`` on ``api`` and ``interception.state`` (a replica worker rebuilds its pipeline from the
+call fastpath's wrapper kept) and ``planning``;
+``api`` and ``interception`` on ``passes``, ``loading`` and ``planning``; ``loading`` on
+``planning``; ``passes``, ``planning`` only on ``plugins``, ``hookspecs``, ``errors`` (and
+``verify``).
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ Every error names the thing that is wrong, where it is, and how to fix it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["FastpathError", "PassSkipped", "PolicyError", "RollbackError", "StrictModeError"]
+__all__ = ["FastpathError", "PassSkipped", "PolicyError", "RollbackError", "StrictModeError", "is_out_of_memory"]
 
 
 class FastpathError(Exception):
@@ -86,3 +87,23 @@ class RollbackError(FastpathError, RuntimeError):
         self.pass_name = pass_name
         self.weights = list(weights)
         super().__init__(message)
+
+
+# -- classifying other libraries' errors ------------------------------------------------------
+
+_OOM_MESSAGE = re.compile(r"out of memory|can't allocate memory|not enough memory|failed to allocate", re.IGNORECASE)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """``torch.OutOfMemoryError``, ``MemoryError``, or a RuntimeError that says a device ran out of memory
+    (also when it is the cause or context of ``error``)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MemoryError) or type(current).__name__ == "OutOfMemoryError":
+            return True
+        if isinstance(current, RuntimeError) and _OOM_MESSAGE.search(str(current)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False

@@ -10,11 +10,12 @@ by each variant, as a user would load a checkpoint.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import random
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,6 @@ def checkpoint(key: str, build: Callable[[Path], None]) -> Path:
         if path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True)
-        from .workloads._common import quiet_transformers
 
         with quiet_transformers():
             build(path)
@@ -286,3 +286,20 @@ def weights_bytes(obj: Any) -> int:
                 seen.add(key)
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' logging at error level and no loading bars for the duration (load reports...)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

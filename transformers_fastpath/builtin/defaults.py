@@ -10,20 +10,8 @@ from __future__ import annotations
 import importlib.util
 
 from ..hookspecs import hookimpl
+from ..planning.tasks import BATCHED_TASKS, TEXT_TASKS
 from ..planning.plan import SOURCE_ARGUMENT, PlanBuilder
-
-# Pipelines whose inputs are independent texts/images: batching and length sorting pay off.
-BATCHED_TASKS = frozenset({
-    "feature-extraction", "text-classification", "sentiment-analysis", "token-classification", "ner",
-    "fill-mask", "question-answering", "zero-shot-classification", "image-classification",
-    "image-feature-extraction", "audio-classification", "table-question-answering",
-})
-# Tasks whose inputs are text (length sorting by characters is a good proxy of tokens).
-TEXT_TASKS = frozenset({
-    "feature-extraction", "text-classification", "sentiment-analysis", "token-classification", "ner",
-    "fill-mask", "question-answering", "zero-shot-classification", "text-generation",
-    "text2text-generation", "summarization", "translation", "table-question-answering",
-})
 
 CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 64

@@ -104,7 +104,7 @@ def _guard_pipelines(pipelines: ModuleType) -> None:
     found = pipelines.__dict__["pipeline"]
     if (id(pipelines), "pipeline") in _originals or is_guard(found):
         return
-    from .patches import _transformers_module_objects
+    from .targets import transformers_module_objects
 
     @functools.wraps(found)
     def pipeline(*args: Any, fastpath: Any = _UNSET, **kwargs: Any) -> Any:
@@ -114,7 +114,7 @@ def _guard_pipelines(pipelines: ModuleType) -> None:
 
     setattr(pipeline, _MARK, True)
     _replace(pipelines, "pipeline", pipeline)
-    for transformers in _transformers_module_objects():  # the lazy top-level name too (see patches.py)
+    for transformers in transformers_module_objects():  # the lazy top-level name too (see targets.py)
         _replace(transformers, "pipeline", pipeline)
 
 

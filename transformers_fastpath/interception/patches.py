@@ -15,7 +15,6 @@ process-wide state (the default dtype) that concurrent loads with different dtyp
 from __future__ import annotations
 
 import functools
-import gc
 import inspect
 import logging
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 
 from . import state
 from .load_lock import LoadLock
+from .targets import transformers_module_objects
 from .state import UNSET, LoadContext
 
 __all__ = ["patch_modeling", "patch_pipelines", "patch_all", "unpatch_all", "is_patched", "original", "is_wrapper",
@@ -212,30 +212,13 @@ def patch_pipelines(pipelines: ModuleType) -> None:
                                "not by this copy of it (two installations, or the module was reloaded)")
         wrapper = _make_pipeline(orig_pipeline)
         _replace(pipelines, "pipeline", wrapper)
-        for transformers in _transformers_module_objects():
+        for transformers in transformers_module_objects():
             _replace(transformers, "pipeline", wrapper)
         loader = _make_load_model(pipelines.__dict__["load_model"])
         _replace(pipelines, "load_model", loader)
         base = sys.modules.get("transformers.pipelines.base")
         if base is not None:
             _replace(base, "load_model", loader)
-
-
-def _transformers_module_objects() -> list[ModuleType]:
-    """Every live ``transformers`` top-level module object.
-
-    transformers re-executes its ``__init__`` while importing ``processing_utils``
-    (``direct_transformers_import``), so ``sys.modules["transformers"]`` can be a different lazy
-    module from the one the user imported; both must expose the wrapped ``pipeline``.
-    """
-    current = sys.modules.get("transformers")
-    if current is None:
-        return []
-    found = {id(current): current}
-    for obj in gc.get_referrers(type(current)):  # instances of a Python class refer to it
-        if isinstance(obj, ModuleType) and obj.__name__ == "transformers":
-            found[id(obj)] = obj
-    return list(found.values())
 
 
 def _make_pipeline(orig: Any) -> Any:
@@ -290,9 +273,7 @@ def _fastpath_pipeline(orig: Any, call: dict[str, Any], policy: Any) -> Any:
         pipe = orig(**call)
     final = plan_of(pipe.model) or plan
     if final is not None:
-        from ..pipelines.replica_workers import remember_load_call
-
-        remember_load_call(pipe, call)
+        state.remember_pipeline_call(pipe, call)
         final = final.with_task(getattr(pipe, "task", task))
         get_plugin_manager().hook.fastpath_pipeline_created(plan=final, pipeline=pipe)
     return pipe

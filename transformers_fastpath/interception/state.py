@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ..planning.plan import Plan
     from ..planning.policy import Policy
 
-__all__ = ["UNSET", "LoadContext", "policy_for_call", "scoped_policy", "load_context", "pipeline_load",
+__all__ = ["UNSET", "LoadContext", "pipeline_call", "remember_pipeline_call", "policy_for_call", "scoped_policy", "load_context", "pipeline_load",
            "inside_load", "loading", "set_installed_policy", "installed_policy"]
 
 
@@ -110,3 +110,20 @@ def loading() -> Iterator[None]:
         yield
     finally:
         _inside_load.reset(token)
+
+
+_PIPELINE_CALL_ATTR = "_fastpath_pipeline_call"
+
+
+def remember_pipeline_call(pipeline: Any, call: dict[str, Any]) -> None:
+    """Keep, on a pipeline fastpath created, the arguments its ``pipeline()`` call had (a shallow
+    copy), for what must rebuild it later (replica workers)."""
+    try:
+        pipeline.__dict__[_PIPELINE_CALL_ATTR] = dict(call)
+    except AttributeError:  # a pipeline class with __slots__: rebuilt from defaults
+        pass
+
+
+def pipeline_call(pipeline: Any) -> dict[str, Any]:
+    """The ``pipeline()`` arguments :func:`remember_pipeline_call` kept (empty when none)."""
+    return dict(getattr(pipeline, _PIPELINE_CALL_ATTR, None) or {})

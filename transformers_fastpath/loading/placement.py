@@ -19,10 +19,10 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-# BATCHED_TASKS: pipelines fed lists of independent inputs, where one replica per GPU pays off.
-from ..builtin.defaults import BATCHED_TASKS
 from ..errors import FastpathError, PolicyError, StrictModeError
 from ..planning.plan import SOURCE_ARGUMENT
+# BATCHED_TASKS: pipelines fed lists of independent inputs, where one replica per GPU pays off.
+from ..planning.tasks import BATCHED_TASKS
 from .quantization import (
     AUTO_ORDER,
     METHODS,

@@ -34,7 +34,7 @@ from typing import Any
 
 from ..planning.plan import Plan
 
-__all__ = ["PipelineRecipe", "WorkerReplica", "WorkerUnavailable", "recipe_for", "remember_load_call"]
+__all__ = ["PipelineRecipe", "WorkerReplica", "WorkerUnavailable", "recipe_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ class PipelineRecipe:
     policy: dict[str, Any]
 
 
-_LOAD_CALL_ATTR = "_fastpath_load_call"
 # pipeline() arguments a worker needs to load the same model and tokenizer. Placement and dtype
 # are not among them: the pinned policy decides those, and the worker's device is its own. A
 # caller's quantization_config stays (the plan says "keep" for it, which a policy cannot pin).
@@ -56,18 +55,16 @@ _PLACEMENT_MODEL_KWARGS = ("device_map", "max_memory", "tp_plan", "tp_size", "di
                            "torch_dtype", "offload_folder")
 
 
-def remember_load_call(pipeline: Any, call: dict[str, Any]) -> None:
-    """Keep the ``pipeline()`` arguments a worker needs to rebuild ``pipeline`` (revision, remote
-    code, model_kwargs...) on it; called by fastpath's ``pipeline()`` wrapper."""
+def _rebuild_args(call: dict[str, Any]) -> dict[str, Any]:
+    """Of a pipeline's ``pipeline()`` arguments (kept by fastpath's wrapper, see
+    :func:`~transformers_fastpath.interception.state.remember_pipeline_call`), those a worker needs
+    to load the same model and tokenizer (revision, remote code, model_kwargs...)."""
     kept = {key: call[key] for key in _REBUILD_ARGS if call.get(key) is not None}
     if not isinstance(kept.get("config"), str):
         kept.pop("config", None)  # a config object: the checkpoint's own is loaded instead
     if "model_kwargs" in kept:
         kept["model_kwargs"] = {k: v for k, v in kept["model_kwargs"].items() if k not in _PLACEMENT_MODEL_KWARGS}
-    try:
-        pipeline.__dict__[_LOAD_CALL_ATTR] = kept
-    except AttributeError:  # a pipeline class with __slots__: workers load with defaults
-        pass
+    return kept
 
 
 def recipe_for(pipeline: Any, plan: Plan | None) -> PipelineRecipe | str:
@@ -82,7 +79,9 @@ def recipe_for(pipeline: Any, plan: Plan | None) -> PipelineRecipe | str:
         return f"the model's name_or_path {source!r} is neither a directory nor a Hub id"
     if getattr(model, "peft_config", None) or getattr(model, "_hf_peft_config_loaded", False):
         return "the model carries PEFT adapters that its checkpoint does not"
-    call: dict[str, Any] = dict(getattr(pipeline, _LOAD_CALL_ATTR, None) or {})
+    from ..interception.state import pipeline_call
+
+    call = _rebuild_args(pipeline_call(pipeline))
     call.update(task=getattr(pipeline, "task", None), model=source, batch_size=getattr(pipeline, "_batch_size", None))
     tokenizer = getattr(pipeline, "tokenizer", None)
     if tokenizer is not None:

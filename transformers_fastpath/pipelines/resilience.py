@@ -46,18 +46,16 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import FastpathError, is_out_of_memory
 from .batching import CALLER_INDICES, call_override_subclass, input_length
-from ..errors import FastpathError
 
-__all__ = ["INPUT_ERRORS", "disable_resilience", "enable_resilience", "gather_shards", "is_out_of_memory",
-           "resilience_of"]
+__all__ = ["INPUT_ERRORS", "disable_resilience", "enable_resilience", "gather_shards", "resilience_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +63,6 @@ INPUT_ERRORS = ("raise", "return")
 _STATE_ATTR = "_fastpath_resilience"
 _MARKER = "_fastpath_resilient_base"
 
-_OOM_MESSAGE = re.compile(r"out of memory|can't allocate memory|not enough memory|failed to allocate", re.IGNORECASE)
 # Errors that are never about one input: raised at once, never retried input by input.
 _NEVER_PER_INPUT: tuple[type[BaseException], ...] = (FastpathError, ImportError, SyntaxError, RecursionError,
                                                      SystemError)
@@ -387,21 +384,6 @@ def gather_shards(shards: Sequence[Sequence[int]], outcomes: Sequence[Any], tota
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """``torch.OutOfMemoryError``, ``MemoryError``, or a RuntimeError that says a device ran out of memory
-    (also when it is the cause or context of ``error``)."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, MemoryError) or type(current).__name__ == "OutOfMemoryError":
-            return True
-        if isinstance(current, RuntimeError) and _OOM_MESSAGE.search(str(current)):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
 
 def _is_chunk_pipeline(pipe: Any) -> bool:
     try:

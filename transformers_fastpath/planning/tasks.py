@@ -16,7 +16,20 @@ from typing import Any
 
 from ..errors import FastpathError
 
-__all__ = ["UnknownTaskError", "check_task", "known_tasks"]
+__all__ = ["BATCHED_TASKS", "TEXT_TASKS", "UnknownTaskError", "check_task", "known_tasks"]
+
+# Pipelines whose inputs are independent texts/images: batching and length sorting pay off.
+BATCHED_TASKS = frozenset({
+    "feature-extraction", "text-classification", "sentiment-analysis", "token-classification", "ner",
+    "fill-mask", "question-answering", "zero-shot-classification", "image-classification",
+    "image-feature-extraction", "audio-classification", "table-question-answering",
+})
+# Tasks whose inputs are text (length sorting by characters is a good proxy of tokens).
+TEXT_TASKS = frozenset({
+    "feature-extraction", "text-classification", "sentiment-analysis", "token-classification", "ner",
+    "fill-mask", "question-answering", "zero-shot-classification", "text-generation",
+    "text2text-generation", "summarization", "translation", "table-question-answering",
+})
 
 
 class UnknownTaskError(FastpathError, ValueError, KeyError):

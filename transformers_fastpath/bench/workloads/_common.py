@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..models import TOKENIZER_MISSING, tokenizer_path
@@ -11,7 +10,7 @@ from ..models import TOKENIZER_MISSING, tokenizer_path
 if TYPE_CHECKING:
     from ...planning.hardware import Hardware
 
-__all__ = ["dtype_name", "enable_fastpath_kwarg", "needs_tokenizer", "plan_summary", "quiet_transformers"]
+__all__ = ["dtype_name", "enable_fastpath_kwarg", "needs_tokenizer", "plan_summary"]
 
 
 def needs_tokenizer(hardware: Hardware, options: Mapping[str, Any]) -> str | None:
@@ -50,20 +49,3 @@ def plan_summary(obj: Any) -> dict[str, Any] | None:
                          for k, v in settings.items()},
             "applied": [p.name for p in plan.passes if p.status == "applied"],
             "not_applied": {p.name: f"{p.status}: {p.reason}" for p in plan.passes if p.status != "applied"}}
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """transformers' logging at error level and no loading bars for the duration (load reports...)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()

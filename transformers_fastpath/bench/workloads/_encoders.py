@@ -5,9 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from ..checks import compare_hidden, is_half
-from ..models import BERT_BASE, BERT_TINY, BERT_VOCAB, bert_checkpoint, draw_lengths, minilm_checkpoint, random_batch
+from ..models import (
+    BERT_BASE,
+    BERT_TINY,
+    BERT_VOCAB,
+    bert_checkpoint,
+    draw_lengths,
+    minilm_checkpoint,
+    quiet_transformers,
+    random_batch,
+)
 from ..runner import Bench, Variant
-from ._common import dtype_name, enable_fastpath_kwarg, plan_summary, quiet_transformers
+from ._common import dtype_name, enable_fastpath_kwarg, plan_summary
 
 __all__ = ["run_encoder"]
 

@@ -6,9 +6,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..models import LLAMA_085B, LLAMA_SMALL, LLAMA_TINY, llama_checkpoint
+from ..models import LLAMA_085B, LLAMA_SMALL, LLAMA_TINY, llama_checkpoint, quiet_transformers
 from ..runner import Bench, Sample, Variant, sync
-from ._common import dtype_name, enable_fastpath_kwarg, quiet_transformers
+from ._common import dtype_name, enable_fastpath_kwarg
 
 __all__ = ["Setup", "generate_call", "llama_setup", "load_causal", "measure_generate"]
 

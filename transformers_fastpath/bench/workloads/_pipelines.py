@@ -6,7 +6,8 @@ from typing import Any
 
 from ..checks import compare_embeddings, compare_probabilities, is_half
 from ..runner import Bench, Variant
-from ._common import dtype_name, enable_fastpath_kwarg, plan_summary, quiet_transformers
+from ._common import dtype_name, enable_fastpath_kwarg, plan_summary
+from ..models import quiet_transformers
 
 __all__ = ["run_pipeline"]
 

@@ -7,7 +7,7 @@ all-MiniLM-L6-v2, 8x64. ``--quick``: 2x16.
 from __future__ import annotations
 
 from ..runner import Bench
-from . import Workload
+from ._workload import Workload
 from ._encoders import run_encoder
 
 

@@ -8,7 +8,7 @@ all-MiniLM-L6-v2, 8x128. ``--quick``: 4x32. Row lengths follow ``benchmarks/fuse
 from __future__ import annotations
 
 from ..runner import Bench
-from . import Workload
+from ._workload import Workload
 from ._encoders import run_encoder
 
 

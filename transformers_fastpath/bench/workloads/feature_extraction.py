@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..models import minilm_checkpoint, tokenizer_path, varied_sentences
 from ..runner import Bench
-from . import Workload
+from ._workload import Workload
 from ._common import needs_tokenizer
 from ._pipelines import run_pipeline
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..checks import compare_greedy, is_half
 from ..runner import Bench
-from . import Workload
+from ._workload import Workload
 from ._common import plan_summary
 from ._generate import llama_setup, load_causal, measure_generate
 

@@ -17,7 +17,7 @@ from ..models import (
     varied_sentences,
 )
 from ..runner import Bench
-from . import Workload
+from ._workload import Workload
 from ._common import needs_tokenizer
 from ._pipelines import run_pipeline
 

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from ..checks import compare_losses
-from ..models import BERT_BASE, BERT_SMALL, BERT_TINY, BERT_VOCAB, bert_checkpoint
+from ..models import BERT_BASE, BERT_SMALL, BERT_TINY, BERT_VOCAB, bert_checkpoint, quiet_transformers
 from ..runner import Bench, Sample, Variant, sync
-from . import Workload
-from ._common import enable_fastpath_kwarg, plan_summary, quiet_transformers
+from ._workload import Workload
+from ._common import enable_fastpath_kwarg, plan_summary
 
 SKIP_STEPS = 2
 

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ...errors import StrictModeError
+from ...errors import StrictModeError, is_out_of_memory
 from ..instance_methods import fix_data_parallel_replicas, unfix_data_parallel_replicas
 from .families import Family
 from .guards import hooks_reason, kwargs_reason, state_reason
@@ -235,8 +235,6 @@ class FusedForward:
         after an out-of-memory error, which may be this batch's alone: the conversion stays.
         """
         runtime = self.runtime
-        from ...pipelines.resilience import is_out_of_memory
-
         if is_out_of_memory(failure):
             # Memory short for this batch only, maybe: the original runs this call (or raises its
             # own OOM, which a pipeline answers by splitting the batch), the conversion stays.
