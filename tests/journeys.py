@@ -8,9 +8,9 @@ own code). After each block, every pipeline or model in the namespace that fastp
 
 * a pipeline: the same task and model built with ``fastpath=False`` and called on the same texts;
   the outputs must have the same structure, types and shapes, and numbers within the tolerance;
-* a model: the same class built from its config without fastpath, holding the same weights (its
-  canonical ``state_dict``, so a model trained in the page compares too), in float32 on the same
-  device, on a right-padded batch;
+* a model: a plain load of the same checkpoint (``fastpath=False``, float32, on the same device),
+  on right- and left-padded batches; a model the page trained is compared with the same class
+  holding its weights instead (the record says which reference was used);
   hidden states of real tokens and the pooler within the tolerance.
 
 Tolerance: 1e-4 where the fastpath object runs in float32; in half precision (a GPU's bf16) the
@@ -20,7 +20,6 @@ Each check is recorded with the device the object runs on (the GPU test asserts 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -78,7 +77,7 @@ def check_pipeline(pipe: Any) -> dict[str, Any]:
     import transformers
 
     half = pipe.model.dtype in (_torch().float16, _torch().bfloat16)
-    plain = transformers.pipeline(pipe.task, model=pipe.model.name_or_path, fastpath=False)
+    plain = transformers.pipeline(pipe.task, model=pipe.model.name_or_path, **_off())
     inputs = _inputs_for(pipe.task)
     _same(plain(inputs), pipe(inputs), half)
     _same(plain(inputs[0]), pipe(inputs[0]), half)
@@ -90,27 +89,44 @@ def check_model(model: Any) -> dict[str, Any]:
 
     torch = _torch()
     half = model.dtype in (torch.float16, torch.bfloat16)
-    plain = type(model)(copy.deepcopy(model.config)).to(torch.float32)
-    plain.load_state_dict({k: v.float() for k, v in model.state_dict().items()})  # canonical keys
+    plain = type(model).from_pretrained(model.name_or_path, dtype=torch.float32, **_off())
+    # The checkpoint is the reference; a model the page trained (its weights moved) is compared
+    # with the same class holding its weights instead, and the record says so.
+    ours, theirs = model.state_dict(), plain.state_dict()
+    from_checkpoint = ours.keys() == theirs.keys() and all(
+        torch.equal(theirs[k].to(v.dtype).cpu(), v.detach().cpu()) for k, v in ours.items())
+    if not from_checkpoint:
+        plain.load_state_dict({k: v.float() for k, v in ours.items()})  # canonical keys
     plain.to(model.device).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model.name_or_path)
-    batch = tokenizer(TEXTS, padding=True, return_tensors="pt").to(model.device)
-    keep = batch["attention_mask"].bool()
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            ref, out = plain(**batch), model(**batch)
+        for side in ("right", "left"):  # left: heads read position 0, a pad in the shorter rows
+            tokenizer.padding_side = side
+            batch = tokenizer(TEXTS, padding=True, return_tensors="pt").to(model.device)
+            keep = batch["attention_mask"].bool()
+            with torch.no_grad():
+                ref, out = plain(**batch), model(**batch)
+            first = "last_hidden_state" if "last_hidden_state" in ref else "logits"
+            ref_first, out_first = ref[first], out[first]
+            if ref_first.ndim == 3:
+                ref_first, out_first = ref_first[keep], out_first[keep]
+            _close(ref_first.float().cpu(), out_first.float().cpu(), half, f"{first} ({side} padding)")
+            if ref.get("pooler_output") is not None:
+                _close(ref["pooler_output"].float().cpu(), out["pooler_output"].float().cpu(), half,
+                       f"pooler_output ({side} padding)")
     finally:
         model.train(was_training)
-    first = "last_hidden_state" if "last_hidden_state" in ref else "logits"
-    ref_first, out_first = ref[first], out[first]
-    if ref_first.ndim == 3:
-        ref_first, out_first = ref_first[keep], out_first[keep]
-    _close(ref_first.float().cpu(), out_first.float().cpu(), half, first)
-    if ref.get("pooler_output") is not None:
-        _close(ref["pooler_output"].float().cpu(), out["pooler_output"].float().cpu(), half, "pooler_output")
-    return {"kind": "model", "class": type(model).__name__, "device": str(model.device), "dtype": str(model.dtype)}
+    return {"kind": "model", "class": type(model).__name__, "device": str(model.device), "dtype": str(model.dtype),
+            "reference": "checkpoint" if from_checkpoint else "same weights (trained in the page)"}
+
+
+def _off() -> dict[str, Any]:
+    """``fastpath=False`` where transformers understands it (the page may have uninstalled fastpath)."""
+    from transformers_fastpath.interception import patches
+
+    return {"fastpath": False} if patches.is_patched() else {}
 
 
 def _torch() -> Any:

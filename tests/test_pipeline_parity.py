@@ -83,6 +83,35 @@ def test_feature_extraction_with_a_callers_batch_size(tiny_model_factory) -> Non
     assert_same(plain(TEXTS), fast(TEXTS))
 
 
+def test_feature_extraction_keeps_the_padding_the_input_asked_for(tiny_model_factory) -> None:
+    """Only the rows the batch added go: ``padding="max_length"`` gives every input 24 rows, as plain;
+    real tokens equal."""
+    plain, fast = pair("feature-extraction", tiny_model_factory("bert"))
+    tokenize = {"padding": "max_length", "max_length": 24, "truncation": True}
+    want, got = plain(TEXTS, tokenize_kwargs=tokenize), fast(TEXTS, tokenize_kwargs=tokenize)
+    assert [np.array(o).shape for o in got] == [np.array(o).shape for o in want] == [(1, 24, 64)] * len(TEXTS)
+    for text, a, b in zip(TEXTS, want, got):  # values on real tokens (pad rows carry no meaning)
+        real = np.array(fast.tokenizer(text, **tokenize)["attention_mask"], dtype=bool)
+        np.testing.assert_allclose(np.array(b)[0][real], np.array(a)[0][real], atol=ATOL, rtol=0)
+
+
+def test_feature_extraction_replicas_run_their_own_model(tiny_model_factory) -> None:
+    """Copies of a fastpath feature-extraction pipeline (replicas in threads) compute with their own
+    model, and give the same own-token outputs."""
+    from transformers_fastpath.pipelines.replicas import enable_replicas, replicas_of
+
+    plain, fast = pair("feature-extraction", tiny_model_factory("bert"))
+    enable_replicas(fast, ["cpu", "cpu"])
+    second = replicas_of(fast)[1]
+    assert second.model is not fast.model
+    calls: list[str] = []
+    fast.model.register_forward_hook(lambda *_: calls.append("first"))
+    second.model.register_forward_hook(lambda *_: calls.append("second"))
+    assert_same(plain(TEXTS), fast(TEXTS))
+    assert_same(plain(TEXTS), second(TEXTS))
+    assert "second" in calls and "first" in calls
+
+
 def test_text_classification(tiny_model_factory) -> None:
     plain, fast = pair("text-classification", tiny_model_factory("bert", "seq-cls"))
     for call in ({}, {"top_k": None}, {"top_k": 2}):

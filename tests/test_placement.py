@@ -241,9 +241,23 @@ def test_from_pretrained_loads_straight_onto_the_plans_device() -> None:
     assert "device_map" not in resolve(bert(), hardware=CPU).load_kwargs
 
 
+def test_rank_devices_under_a_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuda:LOCAL_RANK when the rank sees every GPU; cuda:0 when it sees only its own (srun /
+    CUDA_VISIBLE_DEVICES per task), never a device the rank cannot see; a bare "cuda" is this rank's."""
+    from transformers_fastpath.loading.placement import single_device
+
+    one_each = Hardware(device="cuda", count=1, memory_gib=80, capability=(9, 0), distributed_world_size=2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve(bert(), hardware=TORCHRUN2)["device"] == "cuda:1"
+    plan = resolve(bert(), hardware=one_each)
+    assert plan["device"] == "cuda:0" and plan.load_kwargs["device_map"] == {"": "cuda:0"}
+    assert single_device(resolve(bert(), hardware=TORCHRUN2, policy={"defaults": {"device": "cuda"}})) == "cuda:1"
+
+
 @pytest.mark.parametrize(("device", "hardware", "needle"), [
     ("cuda", CPU, "this machine has no cuda device"),
     ("cuda:2", H100x2, "this machine has 2 cuda devices (cuda:0..cuda:1)"),
+    ("cuda:1", H100, "this machine has only cuda:0"),
     ("xpu", H100, "this machine has no xpu device"),
 ])
 def test_a_device_the_machine_lacks_is_a_policy_error(device: str, hardware: Hardware, needle: str) -> None:
@@ -253,15 +267,16 @@ def test_a_device_the_machine_lacks_is_a_policy_error(device: str, hardware: Har
 
 
 def test_settle_loaded_model_drops_accelerates_one_device_mark() -> None:
-    """A dense model fastpath loaded onto one device looks like ``from_pretrained(...).to(device)``:
-    transformers' pipeline accepts device= for it; quantized ones and the caller's maps keep the mark."""
+    """A model fastpath loaded onto one device looks like ``from_pretrained(...).to(device)`` (as
+    transformers >= 5.25 leaves it): transformers' pipeline accepts device= for it; the caller's maps
+    and maps over several devices keep the mark."""
     from torch import nn
 
     from transformers_fastpath.loading.placement import settle_loaded_model
 
     plan = resolve(bert(), hardware=H100)
     for placed_by_fastpath, device_map, kept in [(True, {"": "cuda:0"}, False), (False, {"": "cuda:0"}, True),
-                                                 (True, {"a": 0, "b": 1}, True)]:
+                                                 (True, {"a": 0, "b": 1}, True), (True, {"a": 1, "b": 1}, False)]:
         model = nn.Linear(2, 2)
         model.hf_device_map = device_map
         settle_loaded_model(model, plan, placed_by_fastpath=placed_by_fastpath)

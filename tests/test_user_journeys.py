@@ -66,6 +66,9 @@ def assert_journey_passes(report: dict[str, Any], page: str) -> list[dict[str, A
     assert not failed, "\n".join(f"{page} line {j['line']} {j['name']}:\n{j['result']}" for j in failed)
     names = {j["name"] for j in result["journeys"]}
     assert EXPECTED[page] <= names, f"{page}: fastpath objects not found/checked: {sorted(EXPECTED[page] - names)}"
+    for journey in result["journeys"]:  # only the page's fine-tuned classifier may differ from its checkpoint
+        if journey["kind"] == "model" and journey["name"] != "classifier":
+            assert journey["reference"] == "checkpoint", (page, journey)
     return result["journeys"]
 
 

@@ -11,7 +11,8 @@ import importlib.util
 
 from ..hookspecs import hookimpl
 from ..planning.tasks import BATCHED_TASKS, TEXT_TASKS
-from ..planning.plan import SOURCE_ARGUMENT, PlanBuilder
+from ..planning.hardware import device_kind
+from ..planning.plan import PlanBuilder
 
 CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 64
@@ -36,7 +37,7 @@ def model_location(plan: PlanBuilder) -> tuple[str, str]:
     hw = plan.hardware
     device_map = plan.call_kwargs.get("device_map")
     if device_map is not None:
-        kinds = {_kind(v) for v in (device_map.values() if isinstance(device_map, dict) else [device_map])}
+        kinds = {device_kind(v, hw) for v in (device_map.values() if isinstance(device_map, dict) else [device_map])}
         if kinds <= {"cpu", "disk"}:
             return "cpu", f"the caller's device_map={device_map!r} keeps it on the CPU"
         return hw.device, f"the caller's device_map={device_map!r}"
@@ -46,15 +47,9 @@ def model_location(plan: PlanBuilder) -> tuple[str, str]:
             return "cpu", "device = keep: from_pretrained leaves the model on the CPU"
         return hw.device, f"device = keep: transformers' pipeline puts it on its default device ({hw.device})"
     if isinstance(device, str) and device != "auto":
-        return _kind(device), f"device = {device}"
+        return device_kind(device, hw), f"device = {device}"
     return hw.device, f"the first {hw.device} device"
 
-
-def _kind(device: object) -> str:
-    """``"cuda"`` for ``"cuda:1"``, ``1`` or ``torch.device("cuda", 1)``; ``"cpu"`` for ``"cpu"``."""
-    if isinstance(device, int) and not isinstance(device, bool):
-        return "cpu" if device < 0 else "cuda"
-    return str(getattr(device, "type", device)).split(":", 1)[0]
 
 
 def _resolve_dtype(plan: PlanBuilder) -> None:
@@ -92,7 +87,6 @@ def _resolve_attention(plan: PlanBuilder) -> None:
 
 
 def _resolve_device(plan: PlanBuilder) -> None:
-    _check_device_exists(plan)
     if not plan.is_auto("device"):
         return
     hw = plan.hardware
@@ -104,29 +98,6 @@ def _resolve_device(plan: PlanBuilder) -> None:
         plan.set("device", hw.torch_device, reason=f"auto: first {hw.device} device; from_pretrained loads the "
                  "weights straight onto it (transformers would leave the model on the CPU)")
 
-
-def _check_device_exists(plan: PlanBuilder) -> None:
-    """A ``device`` this hardware does not have is an error naming the setting and the fix."""
-    decision = plan.decision("device")
-    if decision is None or decision.source == SOURCE_ARGUMENT:  # the caller's own device: transformers checks it
-        return
-    device = decision.value
-    if not isinstance(device, str) or device in ("auto", "keep", "cpu"):
-        return
-    hw = plan.hardware
-    kind, _, index = device.partition(":")
-    if kind != hw.device:
-        problem = f"this machine has no {kind} device (hardware: {hw.describe()})"
-    elif index and int(index) >= hw.count:
-        problem = f"this machine has {hw.count} {kind} device{'s' if hw.count > 1 else ''} ({kind}:0.." \
-                  f"{kind}:{hw.count - 1})"
-    else:
-        return
-    from ..errors import PolicyError
-
-    raise PolicyError(f"device = {device!r} cannot be used: {problem}. Fix: set device = 'auto' (the first "
-                      f"accelerator, else the CPU), 'cpu', or a device that exists here",
-                      source=decision.source, key="device", value=device)
 
 
 def _resolve_placement(plan: PlanBuilder) -> None:

@@ -5,8 +5,8 @@ only registers a post-import hook. When transformers' modeling or pipeline modul
 imported, the hook wraps it so ``fastpath=`` is accepted (and, with
 ``TRANSFORMERS_FASTPATH=1`` or a policy path, turns fastpath on for the whole process).
 
-``TRANSFORMERS_FASTPATH=0`` (or false/no/off) turns the bootstrap off: transformers is not
-patched. A value it cannot use, an invalid policy, a transformers release outside the supported
+``TRANSFORMERS_FASTPATH=0`` (or false/no/off) turns fastpath off for the process: transformers is
+not patched. A value it cannot use, an invalid policy, a transformers release outside the supported
 range or a wrapper that fails warn once at start-up and leave the process unpatched the same way.
 In each of these cases fastpath is off for the process, and the hook leaves only the guard of
 :mod:`.guard` on transformers' entry points: a ``fastpath=`` argument is removed with one warning

@@ -45,6 +45,8 @@ __all__ = [
     "local_rank",
     "pipeline_conflicts",
     "replica_devices",
+    "check_device_exists",
+    "rank_device",
     "resolve_placement",
     "settle_loaded_model",
     "single_device",
@@ -102,6 +104,13 @@ def replica_devices(hardware: Hardware) -> list[str]:
     if hardware.device in ("cuda", "xpu"):
         return [f"{hardware.device}:{i}" for i in range(hardware.count)]
     return [hardware.torch_device] * hardware.count
+
+
+def rank_device(hardware: Hardware) -> str:
+    """This rank's accelerator: ``cuda:LOCAL_RANK``, or ``cuda:0`` when the launcher shows each rank
+    only its own GPU (``CUDA_VISIBLE_DEVICES`` per task: LOCAL_RANK is then past the visible count)."""
+    rank = local_rank()
+    return f"{hardware.device}:{rank if rank < hardware.count else 0}"
 
 
 def local_rank() -> int:
@@ -176,6 +185,7 @@ def resolve_placement(plan: PlanBuilder) -> None:
     reason in the plan and a warning (``StrictModeError`` in strict mode). Raises
     :class:`PlacementError` / :class:`PolicyError` for combinations transformers forbids.
     """
+    check_device_exists(plan)
     _reject_forbidden_mixes(plan)
     _resolve(plan)
     placement = plan.get("placement")
@@ -185,10 +195,35 @@ def resolve_placement(plan: PlanBuilder) -> None:
         plan.set("device", "keep", reason=f"auto: placement = {placement}: {where}; no single device")
 
 
+def check_device_exists(plan: PlanBuilder) -> None:
+    """A policy's ``device`` that this hardware does not have is an error naming the setting and the fix.
+
+    Runs before anything resolves ``device = auto``; the caller's own ``device=`` is transformers' to check.
+    """
+    decision = plan.decision("device")
+    if decision is None or decision.source == SOURCE_ARGUMENT:
+        return
+    device = decision.value
+    if not isinstance(device, str) or device in ("auto", "keep", "cpu"):
+        return
+    hw = plan.hardware
+    kind, _, index = device.partition(":")
+    if kind != hw.device:
+        problem = f"this machine has no {kind} device (hardware: {hw.describe()})"
+    elif index and int(index) >= hw.count:
+        problem = (f"this machine has only {kind}:0" if hw.count == 1
+                   else f"this machine has {hw.count} {kind} devices ({kind}:0..{kind}:{hw.count - 1})")
+    else:
+        return
+    raise PolicyError(f"device = {device!r} cannot be used: {problem}. Fix: set device = 'auto' (the first "
+                      f"accelerator, else the CPU), 'cpu', or a device that exists here",
+                      source=decision.source, key="device", value=device)
+
+
 def _resolve(plan: PlanBuilder) -> None:
     hw = plan.hardware
     if hw.distributed_world_size > 1 and plan.is_auto("device") and hw.is_gpu:
-        plan.set("device", f"{hw.device}:{local_rank()}",
+        plan.set("device", rank_device(hw),
                  reason=f"auto: this rank's GPU under a {hw.distributed_world_size}-process launch (LOCAL_RANK)")
     memory = _memory(plan.model, plan.hardware, plan.get)
     placement = plan.get("placement")
@@ -454,6 +489,8 @@ def single_device(plan: Plan) -> str | None:
         return None
     if device in ("auto", "keep") or device.split(":", 1)[0] == "cpu":
         return None
+    if ":" not in device:  # "cuda": transformers reads it as this rank's GPU; so does fastpath
+        return rank_device(plan.hardware)
     return device
 
 
@@ -461,12 +498,12 @@ def settle_loaded_model(model: Any, plan: Plan, placed_by_fastpath: bool) -> Non
     """After a load fastpath placed with a one-device ``device_map``: make the model what
     ``from_pretrained(...).to(device)`` gives.
 
-    accelerate marks such a model ``hf_device_map = {"": device}``, on which transformers'
-    pipeline refuses a ``device=`` argument and the Trainer does not move the model; with one
-    device and dense weights the mark says nothing ``model.device`` does not. Quantized models
-    keep it: their weights cannot be moved with ``.to()``.
+    accelerate marks such a model ``hf_device_map = {"": device}`` in transformers before 5.25
+    (later releases set no mark for one device), and transformers' pipeline refuses a ``device=``
+    argument for a marked model. With one device the mark says nothing ``model.device`` does not,
+    so it goes, and a pipeline then gets the plan's device like any other.
     """
-    if not placed_by_fastpath or plan.get("quantization") in METHODS:
+    if not placed_by_fastpath:
         return
     device_map = getattr(model, "hf_device_map", None)
     if isinstance(device_map, dict) and len(set(map(str, device_map.values()))) == 1:
@@ -490,11 +527,5 @@ def _host_memory_gib() -> float | None:
 
 
 def pipeline_conflicts(plan: Plan) -> tuple[str, ...]:
-    """Pipeline arguments fastpath must not add for this placement: a sharded model has no one device,
-    and transformers' pipeline refuses ``device=`` for a model that keeps accelerate's ``hf_device_map``
-    (quantized weights loaded onto one GPU, see :func:`settle_loaded_model`)."""
-    if plan.get("placement") in ("balanced", "tensor-parallel"):
-        return ("device",)
-    if single_device(plan) is not None and plan.get("quantization") in METHODS:
-        return ("device",)
-    return ()
+    """Pipeline arguments fastpath must not add for this placement: a sharded model has no one device."""
+    return ("device",) if plan.get("placement") in ("balanced", "tensor-parallel") else ()

@@ -174,3 +174,11 @@ PROFILES: dict[str, Hardware] = {
     "h100": Hardware(device="cuda", memory_gib=80, capability=(9, 0), name="NVIDIA H100 80GB"),
     "h200": Hardware(device="cuda", memory_gib=141, capability=(9, 0), name="NVIDIA H200"),
 }
+
+
+def device_kind(device: Any, hardware: Hardware) -> str:
+    """The kind of a device given as transformers takes it: ``"cuda"`` for ``"cuda:1"`` or
+    ``torch.device("cuda", 1)``; a GPU index (``0``) is one of ``hardware``'s devices, ``-1`` the CPU."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return "cpu" if device < 0 or hardware.device == "cpu" else hardware.device
+    return str(getattr(device, "type", device)).split(":", 1)[0]

@@ -107,9 +107,10 @@ class _PackedAttention:
         self.index, self.embed, self.heads = index, embed, heads
         self.shape = (batch, length, heads, embed // heads)
         self.varlen = varlen
-        # Which packed rows are keys: None when every computed row is a real token.
-        self.key_rows = None if rows is keep else keep.reshape(-1).index_select(0, index).nonzero().squeeze(1)
+        self.key_rows: torch.Tensor | None = None  # which packed rows are keys (varlen only; None: all)
         if varlen:
+            if rows is not keep:
+                self.key_rows = keep.reshape(-1).index_select(0, index).nonzero().squeeze(1)
             keys = keep.sum(1, dtype=torch.int32)  # each >= 1: keep_mask rejects rows of padding only
             queries = keys if rows is keep else rows.sum(1, dtype=torch.int32)
             self.offsets_k = F.pad(keys.cumsum(0, dtype=torch.int32), (1, 0))
