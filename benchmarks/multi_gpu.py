@@ -154,7 +154,12 @@ def bench_replicas(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import transformers
 
     import transformers_fastpath as fp
-    from transformers_fastpath.pipelines.replicas import disable_replicas, enable_replicas, replicas_of, split_contiguous
+    from transformers_fastpath.pipelines.replicas import (
+        disable_replicas,
+        enable_replicas,
+        replicas_of,
+        split_contiguous,
+    )
 
     gpus = torch.cuda.device_count()
     if gpus < 2 and not args.tiny:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -148,7 +148,7 @@ def test_user_journeys_on_the_gpu(tmp_path: Path, tokenizer_dir: Path) -> None:
     fastpath loaded or built runs on the GPU. The hub id there resolves to a MiniLM-shaped BERT with
     random weights and the test tokenizer (the MiniLM package is not on the GPU machine)."""
     from test_docs import make_hf_home, offline_env
-    from test_user_journeys import assert_journey_passes, run_journeys, EXPECTED
+    from test_user_journeys import EXPECTED, assert_journey_passes, run_journeys
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     source = tmp_path / "minilm-shaped"

@@ -14,8 +14,8 @@ from conftest import torchrun_env
 
 import transformers_fastpath as fp
 from transformers_fastpath import Hardware, resolve
-from transformers_fastpath.loading import quantization as q
 from transformers_fastpath.errors import PolicyError, StrictModeError
+from transformers_fastpath.loading import quantization as q
 from transformers_fastpath.loading.placement import PlacementError, tensor_parallel_kwargs
 from transformers_fastpath.pipelines.replicas import (
     disable_replicas,

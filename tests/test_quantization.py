@@ -10,8 +10,8 @@ import pytest
 
 import transformers_fastpath as fp
 from transformers_fastpath import Hardware, resolve
-from transformers_fastpath.loading import quantization as q
 from transformers_fastpath.errors import FastpathError
+from transformers_fastpath.loading import quantization as q
 
 GPU16 = Hardware.from_profile("cuda:1x16:sm89")
 GPU80 = Hardware.from_profile("h100")

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
+from conftest import torchrun_env
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import (
@@ -36,7 +37,6 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
-from conftest import torchrun_env
 
 import transformers_fastpath as fp
 from transformers_fastpath import plugins

@@ -18,9 +18,9 @@ from torch import nn
 
 import transformers_fastpath as fp
 from transformers_fastpath.errors import PassSkipped, RollbackError, StrictModeError
-from transformers_fastpath.planning.hardware import Hardware
 from transformers_fastpath.passes.fused_encoder import FusedEncoderPass, runtime_of
 from transformers_fastpath.passes.fused_encoder import runtime as fused_runtime
+from transformers_fastpath.planning.hardware import Hardware
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning"),

@@ -46,9 +46,9 @@ from ._version import __version__
 if TYPE_CHECKING:
     from .api import apply, pipeline, plan_of, revert
     from .errors import FastpathError, PassSkipped, PolicyError, RollbackError, StrictModeError
-    from .planning.hardware import Hardware
     from .hookspecs import hookimpl
     from .interception.install import enabled, install, is_installed, uninstall
+    from .planning.hardware import Hardware
     from .planning.model_info import ModelInfo
     from .planning.plan import Decision, PassStatus, Plan
     from .planning.policy import Policy, load_policy

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .planning.hardware import Hardware
 from .passes.runner import apply_plan, plan_of, revert_model
+from .planning.hardware import Hardware
 from .planning.plan import Plan
 from .planning.policy import PolicyLike
 from .planning.resolution import resolve

@@ -68,8 +68,8 @@ def diagnose() -> dict[str, Any]:
     import transformers
 
     from ._version import __version__
-    from .planning.hardware import Hardware
     from .interception import bootstrap
+    from .planning.hardware import Hardware
 
     hw = Hardware.detect()
     devices = []

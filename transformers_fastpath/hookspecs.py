@@ -19,8 +19,8 @@ import pluggy
 if TYPE_CHECKING:
     from torch import nn
 
-    from .planning.hardware import Hardware
     from .passes.base import Pass
+    from .planning.hardware import Hardware
     from .planning.plan import Plan, PlanBuilder
 
 PROJECT_NAME = "transformers_fastpath"

@@ -32,15 +32,15 @@ from transformers import TrainerCallback
 from .errors import FastpathError
 from .passes.runner import PLAN_ATTR, apply_plan, canonical_for_save, revert_model
 from .planning.plan import Decision, Plan
-from .plugins import get_passes
 from .planning.policy import PolicyLike, load_policy
+from .plugins import get_passes
 
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedModel, TrainerControl, TrainerState, TrainingArguments
 
-    from .planning.hardware import Hardware
     from .passes.base import Pass
+    from .planning.hardware import Hardware
 
 __all__ = ["FastpathCallback", "CALLBACK_SOURCE", "trained_transformers_models"]
 

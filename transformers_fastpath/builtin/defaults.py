@@ -10,9 +10,9 @@ from __future__ import annotations
 import importlib.util
 
 from ..hookspecs import hookimpl
-from ..planning.tasks import BATCHED_TASKS, TEXT_TASKS
 from ..planning.hardware import device_kind
 from ..planning.plan import PlanBuilder
+from ..planning.tasks import BATCHED_TASKS, TEXT_TASKS
 
 CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 64
@@ -49,7 +49,6 @@ def model_location(plan: PlanBuilder) -> tuple[str, str]:
     if isinstance(device, str) and device != "auto":
         return device_kind(device, hw), f"device = {device}"
     return hw.device, f"the first {hw.device} device"
-
 
 
 def _resolve_dtype(plan: PlanBuilder) -> None:
@@ -97,7 +96,6 @@ def _resolve_device(plan: PlanBuilder) -> None:
     else:
         plan.set("device", hw.torch_device, reason=f"auto: first {hw.device} device; from_pretrained loads the "
                  "weights straight onto it (transformers would leave the model on the CPU)")
-
 
 
 def _resolve_placement(plan: PlanBuilder) -> None:

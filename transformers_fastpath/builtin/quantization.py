@@ -13,7 +13,6 @@ from collections.abc import Generator
 from typing import Any
 
 from ..hookspecs import hookimpl
-from ..planning.plan import Plan, PlanBuilder
 from ..loading.quantization import (
     METHODS,
     QuantizationUnavailable,
@@ -24,6 +23,7 @@ from ..loading.quantization import (
     obstacle,
     warn_once,
 )
+from ..planning.plan import Plan, PlanBuilder
 
 SOURCE = "plugin transformers_fastpath.builtin.quantization"
 

@@ -24,8 +24,8 @@ from typing import Any
 
 from . import state
 from .load_lock import LoadLock
-from .targets import transformers_module_objects
 from .state import UNSET, LoadContext
+from .targets import transformers_module_objects
 
 __all__ = ["patch_modeling", "patch_pipelines", "patch_all", "unpatch_all", "is_patched", "original", "is_wrapper",
            "import_targets", "lock"]
@@ -240,8 +240,8 @@ def _make_pipeline(orig: Any) -> Any:
 
 def _fastpath_pipeline(orig: Any, call: dict[str, Any], policy: Any) -> Any:
     from ..passes.runner import apply_plan, plan_of
-    from ..plugins import get_plugin_manager
     from ..planning.resolution import resolve
+    from ..plugins import get_plugin_manager
 
     task, model = call.get("task"), call.get("model")
     model_kwargs = dict(call.get("model_kwargs") or {})

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import FastpathError, PolicyError, StrictModeError
 from ..planning.plan import SOURCE_ARGUMENT
+
 # BATCHED_TASKS: pipelines fed lists of independent inputs, where one replica per GPU pays off.
 from ..planning.tasks import BATCHED_TASKS
 from .quantization import (

@@ -31,10 +31,10 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
-from .batching import call_override_subclass
-from .resilience import gather_shards
 from ..planning.plan import Plan
+from .batching import call_override_subclass
 from .replica_workers import WorkerReplica, WorkerUnavailable, recipe_for
+from .resilience import gather_shards
 
 __all__ = ["disable_replicas", "enable_replicas", "replicas_of", "split_contiguous"]
 

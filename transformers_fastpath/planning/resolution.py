@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..plugins import get_passes, get_plugin_manager
 from .hardware import Hardware
 from .model_info import ModelInfo
 from .plan import SOURCE_ARGUMENT, SOURCE_DEFAULT, Plan, PlanBuilder, _show
-from ..plugins import get_passes, get_plugin_manager
 from .policy import SETTINGS, Policy, PolicyLike, load_policy
 from .policy.schema import DTYPES
 

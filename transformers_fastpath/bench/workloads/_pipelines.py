@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..checks import compare_embeddings, compare_probabilities, is_half
+from ..models import quiet_transformers
 from ..runner import Bench, Variant
 from ._common import dtype_name, enable_fastpath_kwarg, plan_summary
-from ..models import quiet_transformers
 
 __all__ = ["run_pipeline"]
 

@@ -7,8 +7,8 @@ all-MiniLM-L6-v2, 8x64. ``--quick``: 2x16.
 from __future__ import annotations
 
 from ..runner import Bench
-from ._workload import Workload
 from ._encoders import run_encoder
+from ._workload import Workload
 
 
 def run(bench: Bench) -> None:

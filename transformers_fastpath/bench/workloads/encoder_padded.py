@@ -8,8 +8,8 @@ all-MiniLM-L6-v2, 8x128. ``--quick``: 4x32. Row lengths follow ``benchmarks/fuse
 from __future__ import annotations
 
 from ..runner import Bench
-from ._workload import Workload
 from ._encoders import run_encoder
+from ._workload import Workload
 
 
 def run(bench: Bench) -> None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from ..models import minilm_checkpoint, tokenizer_path, varied_sentences
 from ..runner import Bench
-from ._workload import Workload
 from ._common import needs_tokenizer
 from ._pipelines import run_pipeline
+from ._workload import Workload
 
 
 def run(bench: Bench) -> None:

@@ -12,9 +12,9 @@ from typing import Any
 
 from ..checks import compare_greedy, is_half
 from ..runner import Bench
-from ._workload import Workload
 from ._common import plan_summary
 from ._generate import llama_setup, load_causal, measure_generate
+from ._workload import Workload
 
 
 def run(bench: Bench) -> None:

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..models import BERT_BASE, BERT_TINY, bert_checkpoint, tokenizer_path, varied_sentences
 from ..runner import Bench
-from ._workload import Workload
 from ._common import needs_tokenizer
 from ._pipelines import run_pipeline
+from ._workload import Workload
 
 if TYPE_CHECKING:
     from ...planning.hardware import Hardware

@@ -17,9 +17,9 @@ from ..models import (
     varied_sentences,
 )
 from ..runner import Bench
-from ._workload import Workload
 from ._common import needs_tokenizer
 from ._pipelines import run_pipeline
+from ._workload import Workload
 
 
 def run(bench: Bench) -> None:

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..checks import compare_logits, first_token_in_top_k
 from ..runner import Bench
-from ._workload import Workload
 from ._common import plan_summary
 from ._generate import llama_setup, load_causal, measure_generate
+from ._workload import Workload
 
 if TYPE_CHECKING:
     from ...planning.hardware import Hardware

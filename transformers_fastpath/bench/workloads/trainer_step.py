@@ -37,8 +37,8 @@ from typing import Any
 from ..checks import compare_losses
 from ..models import BERT_BASE, BERT_SMALL, BERT_TINY, BERT_VOCAB, bert_checkpoint, quiet_transformers
 from ..runner import Bench, Sample, Variant, sync
-from ._workload import Workload
 from ._common import enable_fastpath_kwarg, plan_summary
+from ._workload import Workload
 
 SKIP_STEPS = 2
 
