@@ -21,9 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import FastpathError, PolicyError, StrictModeError
 from ..planning.plan import SOURCE_ARGUMENT
-
-# BATCHED_TASKS: pipelines fed lists of independent inputs, where one replica per GPU pays off.
-from ..planning.tasks import BATCHED_TASKS
+from ..planning.tasks import BATCHED_TASKS  # pipelines fed lists of independent inputs: replicas pay off
 from .quantization import (
     AUTO_ORDER,
     METHODS,
@@ -41,13 +39,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PlacementError",
+    "check_device_exists",
     "has_tp_plan",
     "load_kwargs",
     "local_rank",
     "pipeline_conflicts",
-    "replica_devices",
-    "check_device_exists",
     "rank_device",
+    "replica_devices",
     "resolve_placement",
     "settle_loaded_model",
     "single_device",
