@@ -235,6 +235,11 @@ class BackendChain:
         self._selected: dict[tuple[tuple[str, ...], frozenset[CallKind], str, str], list[Any]] = {}
         self._logged = False
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.save of a fastpath model: torch's SDPBackend members do not pickle; the selection
+        # is a cache, made again from the probes on the first call after loading.
+        return {**self.__dict__, "_selected": {}}
+
     # -- choosing ---------------------------------------------------------------
     def backends_for(self, model: Any, kinds: Iterable[CallKind], *, grad: bool = False) -> list[Any]:
         """The ``SDPBackend`` list (priority order) to run calls of ``kinds`` on this model."""

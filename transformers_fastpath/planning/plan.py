@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -177,6 +177,18 @@ class Plan:
         # Immutable (and its MappingProxyType fields cannot be deep-copied): copy.deepcopy(model)
         # of a fastpath model shares the plan instead of failing.
         return self
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        # pickle / torch.save of a fastpath model: the read-only mappings travel as dicts.
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        state["settings"], state["load_kwargs"] = dict(self.settings), dict(self.load_kwargs)
+        return _unpickle_plan, (state,)
+
+
+def _unpickle_plan(state: dict[str, Any]) -> Plan:
+    state["settings"] = MappingProxyType(state["settings"])
+    state["load_kwargs"] = MappingProxyType(state["load_kwargs"])
+    return Plan(**state)
 
 
 class PlanBuilder:
