@@ -827,6 +827,42 @@ def test_state_dict_and_load_state_dict_are_canonical_while_converted(bert: nn.M
     assert not is_wrapped(bert) and sorted(bert.state_dict()) == sorted(canonical)
 
 
+def test_canonical_state_dict_under_threads(bert: nn.Module, tmp_path: Path, bases: dict[str, Path]) -> None:
+    """Threads calling state_dict() at once each see canonical keys, and the model ends converted:
+    the canonical sections nest across threads (one counter, under a lock), so a later save is
+    canonical and the converted model keeps running."""
+    import threading
+
+    canonical = weights(bases["bert"])
+    fp.apply(bert)
+    assert is_wrapped(bert)
+    start, seen, errors = threading.Barrier(4), [], []
+
+    def worker() -> None:
+        try:
+            start.wait()
+            for _ in range(25):
+                seen.append(sorted(bert.state_dict()) == sorted(canonical))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: the race showed about one run in three without
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors and seen and all(seen)
+    assert is_wrapped(bert), "left unconverted after concurrent state_dict() calls"
+    bert.save_pretrained(tmp_path / "after")
+    assert sorted(weights(tmp_path / "after")) == sorted(canonical)
+    assert is_wrapped(bert)
+
+
 @pytest.mark.slow
 def test_trainer_under_torchrun_ddp(tiny_model_factory, tmp_path: Path) -> None:
     """Two CPU processes (gloo) under torchrun: the Trainer wraps the model in

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -44,6 +45,10 @@ APPLIED_ATTR = "_fastpath_applied"
 # (save_pretrained, state_dict, load_state_dict), the passes reverted for the outermost one, and
 # whether the state_dict hooks are registered on the model.
 _CANONICAL_DEPTH_ATTR = "_fastpath_canonical_depth"
+# Guards every model's canonical-section counter and the revert / re-apply it triggers, so threads
+# calling state_dict() at once nest like one thread's calls. Module-level: a lock attribute would
+# stop pickling and deep copies of the model. Reentrant: re-applying may call state_dict().
+_CANONICAL_LOCK = threading.RLock()
 _REVERTED_ATTR = "_fastpath_reverted_for_canonical"
 _HOOKED_ATTR = "_fastpath_state_dict_hooked"
 # The runner's own attributes: left out of pass snapshots (the runner sets them itself).
@@ -269,41 +274,45 @@ def canonical_for_save(model: nn.Module, save_directory: str) -> Iterator[None]:
 def _enter_canonical(model: nn.Module) -> None:
     """Revert the applied passes that change the state_dict (newest first), unless already done.
 
-    Sections nest (``save_pretrained`` calls ``state_dict``): only the outermost one reverts.
+    Sections nest (``save_pretrained`` calls ``state_dict``), also across threads: only the
+    outermost one reverts. The counter and what it guards change under :data:`_CANONICAL_LOCK`.
     """
-    depth = getattr(model, _CANONICAL_DEPTH_ATTR, 0)
-    object.__setattr__(model, _CANONICAL_DEPTH_ATTR, depth + 1)
-    if depth:
-        return
-    registry = _passes_by_name()
-    applied: list[str] = list(getattr(model, APPLIED_ATTR, ()))
-    reverted = [n for n in reversed(applied) if n in registry and registry[n].changes_state_dict]
-    object.__setattr__(model, _REVERTED_ATTR, reverted)
-    for name in reverted:
-        registry[name].revert(model)
+    with _CANONICAL_LOCK:
+        depth = getattr(model, _CANONICAL_DEPTH_ATTR, 0)
+        object.__setattr__(model, _CANONICAL_DEPTH_ATTR, depth + 1)
+        if depth:
+            return
+        registry = _passes_by_name()
+        applied: list[str] = list(getattr(model, APPLIED_ATTR, ()))
+        reverted = [n for n in reversed(applied) if n in registry and registry[n].changes_state_dict]
+        object.__setattr__(model, _REVERTED_ATTR, reverted)
+        for name in reverted:
+            registry[name].revert(model)
 
 
 def _exit_canonical(model: nn.Module) -> None:
-    """Leave a canonical section; the outermost one re-applies what it reverted (oldest first)."""
-    depth = getattr(model, _CANONICAL_DEPTH_ATTR, 0)
-    if depth > 1:
-        object.__setattr__(model, _CANONICAL_DEPTH_ATTR, depth - 1)
-        return
-    try:  # the depth stays 1 while re-applying, so a state_dict() inside apply() reverts nothing
-        registry = _passes_by_name()
-        plan: Plan | None = getattr(model, PLAN_ATTR, None)
-        first_error: Exception | None = None
-        for name in reversed(getattr(model, _REVERTED_ATTR, ())):
-            if name in registry:
-                try:
-                    _reapply(registry[name], model, plan)
-                except Exception as exc:  # noqa: BLE001 - recorded as failed; the others still come back first
-                    first_error = first_error or exc
-        if first_error is not None:
-            raise first_error
-    finally:
-        object.__setattr__(model, _REVERTED_ATTR, [])
-        object.__setattr__(model, _CANONICAL_DEPTH_ATTR, 0)
+    """Leave a canonical section; the last one to leave, on any thread, re-applies what was reverted
+    (oldest first)."""
+    with _CANONICAL_LOCK:
+        depth = getattr(model, _CANONICAL_DEPTH_ATTR, 0)
+        if depth > 1:
+            object.__setattr__(model, _CANONICAL_DEPTH_ATTR, depth - 1)
+            return
+        try:  # the depth stays 1 while re-applying, so a state_dict() inside apply() reverts nothing
+            registry = _passes_by_name()
+            plan: Plan | None = getattr(model, PLAN_ATTR, None)
+            first_error: Exception | None = None
+            for name in reversed(getattr(model, _REVERTED_ATTR, ())):
+                if name in registry:
+                    try:
+                        _reapply(registry[name], model, plan)
+                    except Exception as exc:  # noqa: BLE001 - recorded as failed; the others still come back first
+                        first_error = first_error or exc
+            if first_error is not None:
+                raise first_error
+        finally:
+            object.__setattr__(model, _REVERTED_ATTR, [])
+            object.__setattr__(model, _CANONICAL_DEPTH_ATTR, 0)
 
 
 def _reapply(pass_: Pass, model: nn.Module, plan: Plan | None) -> None:
