@@ -240,3 +240,36 @@ def test_fuzzed_toml_text_raises_only_policy_error(text: str) -> None:
         pass
     finally:
         Path(name).unlink()
+
+
+# -- round-2 gaps: a byte-order mark, absurd counts, task typos in rules -----------------------
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "fastpath.toml"
+    path.write_bytes(b"\xef\xbb\xbf[defaults]\nbatch_size = 8\n")  # what Windows editors save
+    assert load_policy(path).defaults["batch_size"] == 8
+
+
+@pytest.mark.parametrize("value", [0, 10**17, 1 << 21])
+def test_batch_size_out_of_range_is_rejected(value: int) -> None:
+    with pytest.raises(PolicyError, match="integer from 1 to 1048576"):
+        load_policy({"defaults": {"batch_size": value}})
+
+
+def test_a_rule_matching_a_misspelt_task_warns_once_with_the_close_match() -> None:
+    import warnings
+
+    from transformers import BertConfig
+
+    from transformers_fastpath import resolve
+
+    policy = {"rules": [{"name": "typo", "match": {"task": "text-clasification"}, "batch_size": 8},
+                        {"name": "fine", "match": {"task": ["fill-mask", "ner"]}, "batch_size": 4}]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            plan = resolve(BertConfig(), task="fill-mask", policy=policy, hardware=Hardware())
+    messages = [str(w.message) for w in caught if "never matches" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "rule #0 'typo'" in messages[0] and "did you mean 'text-classification'?" in messages[0]
+    assert plan["batch_size"] == 4  # the well-spelt rule still applies

@@ -8,6 +8,7 @@ the ``fastpath_load_kwargs`` hooks compute what ``from_pretrained`` will receive
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,6 +68,7 @@ def resolve(
     _apply_plugin_layers(builder, pm, hardware)
     for key, value in policy.defaults.items():
         builder.set(key, value, source=f"{policy.source} [defaults]")
+    _warn_unknown_rule_tasks(policy)
     for rule in policy.rules:
         if rule.match.failed_condition(info, hardware) is None:
             for key, value in rule.settings.items():
@@ -172,3 +174,24 @@ def _results_with_plugin(hook: Any, **kwargs: Any) -> list[tuple[str, Any]]:
         result = impl.function(**{name: kwargs[name] for name in impl.argnames})
         out.append((impl.plugin_name, result))
     return out
+
+
+_warned_rule_tasks: set[tuple[str, str, str]] = set()
+
+
+def _warn_unknown_rule_tasks(policy: Policy) -> None:
+    """A rule that matches a task transformers does not know (a typo such as ``text-clasification``)
+    can never match: warn once per policy, rule and task, with the close match."""
+    for rule in policy.rules:
+        tasks = rule.match.conditions.get("task")
+        for task in (tasks,) if isinstance(tasks, str) else tasks or ():
+            key = (policy.source, rule.label, task)
+            if key in _warned_rule_tasks:
+                continue
+            from .tasks import unknown_task
+
+            problem = unknown_task(task, where=f"{policy.source} {rule.label}: match task")
+            _warned_rule_tasks.add(key)
+            if problem is not None:
+                warnings.warn(f"transformers-fastpath: {problem}; this rule never matches. Fix the task name.",
+                              UserWarning, stacklevel=3)

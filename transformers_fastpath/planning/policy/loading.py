@@ -85,7 +85,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
                           source=str(path))
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh)
+            raw = fh.read()
+        # Windows editors save UTF-8 with a byte-order mark, which TOML does not allow: drop it.
+        return tomllib.loads(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
     except FileNotFoundError:
         raise PolicyError("policy file not found; check the path or the TRANSFORMERS_FASTPATH_POLICY variable",
                           source=str(path)) from None

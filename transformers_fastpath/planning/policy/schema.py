@@ -54,12 +54,16 @@ def _bool(value: Any) -> bool:
     raise Invalid("must be a boolean", (True, False))
 
 
-def _auto_or_positive_int(value: Any) -> Any:
+MAX_BATCH_SIZE = 1 << 20  # a pipeline batch past a million inputs is a typo, not a plan
+
+
+def _batch_size(value: Any) -> Any:
     if value == "auto":
         return value
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_BATCH_SIZE:
         return value
-    raise Invalid("must be 'auto' or an integer >= 1", "'auto' or an integer >= 1")
+    allowed = f"'auto' or an integer from 1 to {MAX_BATCH_SIZE}"
+    raise Invalid(f"must be {allowed}", allowed)
 
 
 def _fraction(value: Any) -> float:
@@ -133,7 +137,7 @@ _SETTINGS_LIST = [
     Setting("decode_loop", _auto_or_bool, "auto",
             "Plain greedy static-cache generate calls run fastpath's lean decode loop (same tokens, no "
             "per-token host sync). auto: on where compile is on."),
-    Setting("batch_size", _auto_or_positive_int, "auto",
+    Setting("batch_size", _batch_size, "auto",
             "Pipeline batch size when the caller sets none. auto: chosen per device."),
     Setting("length_bucketing", _auto_or_bool, "auto",
             "Sort list inputs of a pipeline by length so batches pad little; results come back in "
