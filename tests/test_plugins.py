@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_python
 
+import transformers_fastpath as fp
 from transformers_fastpath import hookspecs
 from transformers_fastpath.plugins import BUILTIN_PLUGINS, get_plugin_manager, list_plugins
 
@@ -132,3 +133,61 @@ def test_plugin_that_raises_on_import_is_reported_and_skipped(tmp_path: Path, ti
     listed = run_python("from transformers_fastpath.cli import main; main(['plugins'])",
                         env={"PYTHONPATH": str(tmp_path)})
     assert "FAILED TO LOAD: ImportError: this plugin is broken on purpose" in listed.stdout
+
+
+# -- a third-party plugin that raises at run time ----------------------------------------------
+
+HOOKS_THAT_RAISE = ("fastpath_policy_defaults", "fastpath_policy_rules", "fastpath_resolve_plan",
+                    "fastpath_load_kwargs", "fastpath_pipeline_kwargs", "fastpath_pipeline_created",
+                    "fastpath_register_passes")
+
+
+def _raising_plugin(hook: str) -> object:
+    from transformers_fastpath import hookimpl
+
+    def boom(**_: object) -> None:
+        raise RuntimeError(f"boom in {hook}")
+
+    params = list(inspect.signature(getattr(hookspecs, hook)).parameters)
+    namespace: dict[str, object] = {}
+    exec(f"def {hook}({', '.join(params)}):\n    boom()\n", {"boom": boom}, namespace)
+    return type("Raising", (), {hook: staticmethod(hookimpl(namespace[hook]))})()
+
+
+@pytest.mark.parametrize("hook", HOOKS_THAT_RAISE)
+def test_a_plugin_raising_in_a_hook_is_reported_once_and_skipped(hook: str, tiny_model_factory) -> None:
+    import warnings
+
+    from transformers import AutoModel, pipeline
+
+    from transformers_fastpath import plugins
+
+    name = plugins.register(_raising_plugin(hook), name=f"raising-{hook}")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe = pipeline("feature-extraction", model=str(tiny_model_factory("bert")), fastpath=True)
+            assert len(pipe(["one text", "another, longer text"])) == 2
+            model = AutoModel.from_pretrained(tiny_model_factory("bert"), fastpath=True)
+        assert fp.plan_of(pipe) is not None and fp.plan_of(model) is not None  # fastpath went on without it
+        reports = [str(w.message) for w in caught if f"plugin {name!r} raised in {hook}" in str(w.message)]
+        assert len(reports) == 1, [str(w.message) for w in caught]
+        assert f"boom in {hook}" in reports[0] and "carries on without it" in reports[0]
+    finally:
+        plugins.unregister(name)
+
+
+@pytest.mark.parametrize("hook", ["fastpath_resolve_plan", "fastpath_pipeline_created"])
+def test_in_strict_mode_a_raising_plugin_is_a_plugin_error(hook: str, tiny_model_factory) -> None:
+    from transformers import pipeline
+
+    from transformers_fastpath import plugins
+    from transformers_fastpath.errors import PluginError
+
+    name = plugins.register(_raising_plugin(hook), name=f"strict-raising-{hook}")
+    try:
+        with pytest.raises(PluginError, match=f"plugin '{name}' raised in {hook}: RuntimeError: boom") as info:
+            pipeline("feature-extraction", model=str(tiny_model_factory("bert")), fastpath={"defaults": {"strict": True}})
+        assert (info.value.plugin, info.value.hook) == (name, hook)
+    finally:
+        plugins.unregister(name)

@@ -9,7 +9,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["FastpathError", "PassSkipped", "PolicyError", "RollbackError", "StrictModeError", "is_out_of_memory"]
+__all__ = ["FastpathError", "PassSkipped", "PluginError", "PolicyError", "RollbackError", "StrictModeError",
+           "is_out_of_memory"]
 
 
 class FastpathError(Exception):
@@ -69,6 +70,19 @@ class PassSkipped(FastpathError):
 
 class StrictModeError(FastpathError, RuntimeError):
     """An optimization was skipped or failed while the policy asked for ``strict = true``."""
+
+
+class PluginError(StrictModeError):
+    """A third-party plugin's hook raised while the plan asked for ``strict = true``.
+
+    Attributes:
+        plugin: the plugin's name (its entry point or registered name).
+        hook: the hook that raised (``fastpath_resolve_plan``...).
+    """
+
+    def __init__(self, message: str, *, plugin: str, hook: str) -> None:
+        self.plugin, self.hook = plugin, hook
+        super().__init__(message)
 
 
 class RollbackError(FastpathError, RuntimeError):

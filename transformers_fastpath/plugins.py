@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from . import hookspecs
+from .errors import FastpathError, PluginError
 
 if TYPE_CHECKING:
     from .passes.base import Pass
@@ -122,6 +123,7 @@ def register(plugin: Any, name: str | None = None) -> str:
         registered = pm.register(plugin, name=name)
         if registered is None:
             raise ValueError(f"plugin {name or plugin!r} is already registered")
+        _guard_hooks(pm, registered)
         module = getattr(plugin, "__name__", type(plugin).__name__)
         _origins[registered] = PluginInfo(registered, "registered", module, None, _hook_names(pm, plugin))
         _passes = None
@@ -219,6 +221,7 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         try:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
+            _guard_hooks(pm, ep.name)
         except (Exception, SystemExit) as exc:  # a broken third-party plugin must not break the user's program
             message = f"{type(exc).__name__}: {exc}"
             warnings.warn(
@@ -235,3 +238,53 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
 
 def _hook_names(pm: pluggy.PluginManager, plugin: Any) -> tuple[str, ...]:
     return tuple(sorted(caller.name for caller in pm.get_hookcallers(plugin) or ()))
+
+
+# -- third-party hooks that raise at run time ------------------------------------------------
+
+_hook_warned: set[tuple[str, str]] = set()
+
+
+def _guard_hooks(pm: pluggy.PluginManager, plugin_name: str) -> None:
+    """Make each hook implementation of a third-party plugin fail alone.
+
+    An implementation that raises (anything but a :class:`~transformers_fastpath.errors.FastpathError`,
+    which is an answer, not a failure) is reported once per plugin and hook with a warning naming
+    both and the error, and its contribution is skipped for that call: the user's load or pipeline
+    goes on without it. When the call's plan asks for ``strict = true`` it raises a
+    :class:`~transformers_fastpath.errors.PluginError` naming them instead. Built-in plugins are
+    not guarded (their errors are fastpath's own), nor are wrappers (``wrapper=True``).
+    """
+    for caller in pm.get_hookcallers(pm.get_plugin(plugin_name)) or ():
+        for impl in caller.get_hookimpls():
+            if impl.plugin_name == plugin_name and not (impl.wrapper or impl.hookwrapper):
+                impl.function = _GuardedHook(impl.function, plugin_name, caller.name, tuple(impl.argnames))
+
+
+class _GuardedHook:
+    """A hook implementation that reports its own failure instead of failing the user's call."""
+
+    def __init__(self, function: Any, plugin: str, hook: str, argnames: tuple[str, ...]) -> None:
+        self.function, self.plugin, self.hook, self.argnames = function, plugin, hook, argnames
+        self.__name__ = getattr(function, "__name__", hook)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # pluggy passes arguments by position, in argnames order
+        try:
+            return self.function(*args, **kwargs)
+        except FastpathError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a third-party plugin's failure: reported, skipped (strict: raised)
+            named = dict(zip(self.argnames, args), **kwargs)
+            plan = named.get("plan")
+            problem = (f"transformers-fastpath plugin {self.plugin!r} raised in {self.hook}: "
+                       f"{type(exc).__name__}: {str(exc).strip()[:300]}")
+            if plan is not None and getattr(plan, "strict", False):
+                raise PluginError(f"{problem} (strict = true). Fix or uninstall the plugin, or set strict = false "
+                                  "to carry on without it", plugin=self.plugin, hook=self.hook) from exc
+            if (self.plugin, self.hook) not in _hook_warned:
+                _hook_warned.add((self.plugin, self.hook))
+                warnings.warn(f"{problem}; fastpath carries on without it for this call (and says so once). Fix "
+                              "or uninstall the plugin, or leave it out with TRANSFORMERS_FASTPATH_PLUGINS.",
+                              RuntimeWarning, stacklevel=2)
+            logger.debug("plugin %s failed in %s", self.plugin, self.hook, exc_info=True)
+            return None
