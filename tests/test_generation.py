@@ -548,3 +548,32 @@ def test_a_bad_call_is_not_blamed_on_the_decode_loop(fresh_llama) -> None:
     assert _runtime(model).decode_loop
     assert fp.plan_of(model).pass_status(DECODE_LOOP_PASS).status == "applied"
     assert torch.equal(greedy(model, ids, mask), greedy(build("llama"), ids, mask)) and _loop_ran(model)
+
+
+def test_seeded_sampling_equals_transformers_where_the_docs_say(tiny_model_factory) -> None:
+    """docs/generation.md 'Seeded sampling': model.generate over a sequence of prompts and a pipeline
+    called one prompt at a time draw what plain transformers draws; a list of prompts matches for
+    the first prompt (later chunks each build a DataLoader iterator, one extra draw each)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    path = tiny_model_factory("llama", "causal")
+    prompts = ["hello there", "a longer prompt about many things", "x"]
+    sample = {"do_sample": True, "max_new_tokens": 6, "top_k": 50}
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    models = {on: AutoModelForCausalLM.from_pretrained(path, fastpath=on) for on in (False, True)}
+    generated = {}
+    for on, model in models.items():
+        torch.manual_seed(0)
+        generated[on] = [model.generate(**tokenizer([p], return_tensors="pt", return_token_type_ids=False),
+                                        **sample).tolist() for p in prompts]
+    assert generated[True] == generated[False]
+
+    pipes = {on: pipeline("text-generation", model=str(path), fastpath=on) for on in (False, True)}
+    one_at_a_time, as_list = {}, {}
+    for on, pipe in pipes.items():
+        torch.manual_seed(1)
+        one_at_a_time[on] = [pipe(p, **sample)[0]["generated_text"] for p in prompts]
+        torch.manual_seed(1)
+        as_list[on] = [r[0]["generated_text"] for r in pipe(prompts, **sample)]
+    assert one_at_a_time[True] == one_at_a_time[False]
+    assert as_list[True][0] == as_list[False][0]
