@@ -15,7 +15,7 @@ __all__ = ["main"]
 def _cmd_explain(args: argparse.Namespace) -> int:
     from .errors import FastpathError, PolicyError
     from .planning.hardware import Hardware
-    from .planning.model_info import ModelInfo, missing_local_directory
+    from .planning.model_info import ModelInfo
     from .planning.policy import load_policy
     from .planning.resolution import resolve
     from .planning.tasks import UnknownTaskError, check_task
@@ -32,12 +32,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         policy = load_policy(args.policy)
     except PolicyError as exc:
         return fail(f"invalid policy: {exc}")
-    missing = missing_local_directory(args.model)  # ./nope is not a Hub repo id: say what it is
-    if missing is not None:
-        return fail(missing)
     try:
         # Only the config is read, and never with remote code: a config that needs it is reported.
         model = ModelInfo.from_pretrained(args.model, task=args.task, trust_remote_code=False)
+    except FileNotFoundError as exc:  # ./nope is not a Hub repo id: the message says what it is
+        return fail(str(exc))
     except (OSError, ValueError, LookupError) as exc:
         return fail(f"cannot read the config of {args.model!r}: {exc}")
     try:  # a typo must not plan for a task nobody can run; nor a task this transformers removed
