@@ -72,6 +72,7 @@ def diagnose() -> dict[str, Any]:
     from .planning.hardware import Hardware
 
     hw = Hardware.detect()
+    boot = bootstrap.status()
     devices = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -89,7 +90,7 @@ def diagnose() -> dict[str, Any]:
         "sdpa_backends": {"device": sdpa_device, **sdpa_backends_that_run(sdpa_device)},
         "fused_encoder_op": hasattr(torch, "_transformer_encoder_layer_fwd"),
         "packages": {name: _package_version(name) for name in OPTIONAL_PACKAGES},
-        "bootstrap": {**bootstrap.status(), "meaning": bootstrap_meaning(bootstrap.status())},
+        "bootstrap": {**boot, "meaning": bootstrap_meaning(boot)},
     }
 
 
@@ -110,7 +111,7 @@ def render(report: dict[str, Any]) -> str:
     lines.append("optional packages:")
     for name, version in report["packages"].items():
         lines.append(f"  {name:<13} {version or 'not installed'}")
-    lines.append(f"start-up bootstrap: {bootstrap_meaning(report['bootstrap'])}")
+    lines.append(f"start-up bootstrap: {report['bootstrap']['meaning']}")
     return "\n".join(lines)
 
 
