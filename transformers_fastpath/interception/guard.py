@@ -27,12 +27,13 @@ import warnings
 from types import ModuleType
 from typing import Any
 
+from .targets import AttributeSwaps, transformers_module_objects
+
 __all__ = ["protect", "remove", "is_active"]
 
 _lock = threading.RLock()
-_UNSET: Any = object()
-# (owner object, attribute) -> (owner, the object found in its __dict__), as patches.py keeps them
-_originals: dict[tuple[int, str], tuple[Any, Any]] = {}
+_UNSET: Any = object()  # no fastpath= argument in the call
+_swaps = AttributeSwaps()  # the guard's wrappers and what they replaced
 _reason = ""
 _fix = ""
 _warned = False
@@ -40,7 +41,7 @@ _MARK = "__transformers_fastpath_guard__"
 
 
 def is_active() -> bool:
-    return bool(_originals)
+    return bool(_swaps)
 
 
 def is_guard(obj: Any) -> bool:
@@ -68,25 +69,13 @@ def protect(module: ModuleType, reason: str, fix: str) -> None:
 def remove() -> None:
     """Put transformers' original objects back where the guard found them."""
     with _lock:
-        for (_, attr), (owner, found) in list(_originals.items()):
-            if found is not _UNSET:
-                setattr(owner, attr, found)
-            elif attr in owner.__dict__:  # a lazy module that had not cached the name yet
-                delattr(owner, attr)
-        _originals.clear()
-
-
-def _replace(owner: Any, attr: str, new: Any) -> None:
-    key = (id(owner), attr)
-    if key not in _originals:
-        _originals[key] = (owner, owner.__dict__.get(attr, _UNSET))
-    setattr(owner, attr, new)
+        _swaps.restore_all()
 
 
 def _guard_modeling(modeling_utils: ModuleType) -> None:
     cls = modeling_utils.PreTrainedModel
     found = cls.__dict__["from_pretrained"]
-    if (id(cls), "from_pretrained") in _originals or is_guard(found) or not isinstance(found, classmethod):
+    if _swaps.holds(cls, "from_pretrained") or is_guard(found) or not isinstance(found, classmethod):
         return
     original = found.__func__
 
@@ -97,14 +86,13 @@ def _guard_modeling(modeling_utils: ModuleType) -> None:
         return original(cls, *args, **kwargs)
 
     setattr(from_pretrained, _MARK, True)
-    _replace(cls, "from_pretrained", classmethod(from_pretrained))
+    _swaps.replace(cls, "from_pretrained", classmethod(from_pretrained))
 
 
 def _guard_pipelines(pipelines: ModuleType) -> None:
     found = pipelines.__dict__["pipeline"]
-    if (id(pipelines), "pipeline") in _originals or is_guard(found):
+    if _swaps.holds(pipelines, "pipeline") or is_guard(found):
         return
-    from .targets import transformers_module_objects
 
     @functools.wraps(found)
     def pipeline(*args: Any, fastpath: Any = _UNSET, **kwargs: Any) -> Any:
@@ -113,9 +101,9 @@ def _guard_pipelines(pipelines: ModuleType) -> None:
         return found(*args, **kwargs)
 
     setattr(pipeline, _MARK, True)
-    _replace(pipelines, "pipeline", pipeline)
+    _swaps.replace(pipelines, "pipeline", pipeline)
     for transformers in transformers_module_objects():  # the lazy top-level name too (see targets.py)
-        _replace(transformers, "pipeline", pipeline)
+        _swaps.replace(transformers, "pipeline", pipeline)
 
 
 def _ignored(entry: str, value: Any) -> None:

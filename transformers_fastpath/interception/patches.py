@@ -25,14 +25,14 @@ from typing import Any
 from . import state
 from .load_lock import LoadLock
 from .state import UNSET, LoadContext
-from .targets import transformers_module_objects
+from .targets import ABSENT, AttributeSwaps, transformers_module_objects
 
 __all__ = ["patch_modeling", "patch_pipelines", "patch_all", "unpatch_all", "is_patched", "original", "is_wrapper",
            "import_targets", "lock"]
 
 logger = logging.getLogger("transformers_fastpath")
 
-# Guards _originals and every patch/unpatch, and (held by install()/uninstall()) makes "patched +
+# Guards _swaps and every patch/unpatch, and (held by install()/uninstall()) makes "patched +
 # policy set" one step. Never import a module while holding it: the .pth bootstrap patches from
 # inside an import (holding that module's import lock) and takes this lock, so a thread holding
 # it and waiting for the same import would deadlock.
@@ -41,8 +41,9 @@ _lock = lock
 # Fastpath loads exclusive, plain loads shared (see load_lock.py): transformers builds models under
 # process-wide state (the default dtype) that concurrent loads with different dtypes corrupt.
 load_lock = LoadLock()
-# (owner object, attribute) -> the original object found there (exactly as found in __dict__).
-_originals: dict[tuple[int, str], tuple[Any, Any]] = {}
+# Every wrapper put in place, and the original object found there (exactly as found in __dict__).
+_swaps = AttributeSwaps()
+_originals = _swaps.found  # (id(owner), attribute) -> (owner, original), for tests and diagnostics
 # Set on every wrapper function, so a wrapper is never taken for an original and wrapped again.
 _WRAPPER_MARK = "__transformers_fastpath_wrapper__"
 
@@ -85,28 +86,24 @@ def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _replace(owner: Any, attr: str, new: Any) -> None:
-    key = (id(owner), attr)
-    if key in _originals:
+    if _swaps.holds(owner, attr):
         return
-    found = owner.__dict__.get(attr, UNSET) if hasattr(owner, "__dict__") else UNSET
+    found = getattr(owner, "__dict__", {}).get(attr, ABSENT)
     # A stale wrapper of ours (a lazy ``transformers`` module that cached it while patched) is
     # never wrapped again: the original behind it is what gets recorded and restored.
     while not isinstance(found, classmethod) and is_wrapper(found) and hasattr(found, "__wrapped__"):
         found = found.__wrapped__
-    _originals[key] = (owner, found)
-    setattr(owner, attr, new)
+    _swaps.replace(owner, attr, new, found=found)
 
 
 def original(owner: Any, attr: str) -> Any:
     """The object transformers had at ``owner.attr`` before patching (or the current one)."""
-    found = _originals.get((id(owner), attr))
-    if found is None or found[1] is UNSET:
-        return getattr(owner, attr)
-    return found[1]
+    found = _swaps.original(owner, attr)
+    return getattr(owner, attr) if found is ABSENT else found
 
 
 def is_patched() -> bool:
-    return bool(_originals)
+    return bool(_swaps)
 
 
 # -- from_pretrained / save_pretrained ------------------------------------------------
@@ -116,7 +113,7 @@ def patch_modeling(modeling_utils: ModuleType) -> None:
     _check_version()
     with _lock:
         cls = modeling_utils.PreTrainedModel
-        if (id(cls), "from_pretrained") in _originals:
+        if _swaps.holds(cls, "from_pretrained"):
             return
         orig_from = cls.__dict__["from_pretrained"]  # a classmethod object
         orig_save = cls.__dict__["save_pretrained"]
@@ -204,7 +201,7 @@ def patch_pipelines(pipelines: ModuleType) -> None:
     """Wrap ``transformers.pipeline`` (both public names) and the pipeline's ``load_model`` (idempotent)."""
     _check_version()
     with _lock:
-        if (id(pipelines), "pipeline") in _originals:
+        if _swaps.holds(pipelines, "pipeline"):
             return
         orig_pipeline = pipelines.__dict__["pipeline"]
         if is_wrapper(orig_pipeline):
@@ -334,10 +331,4 @@ def patch_all() -> None:
 def unpatch_all() -> None:
     """Put every original object back where it was found."""
     with _lock:
-        for (_, attr), (owner, found) in list(_originals.items()):
-            if found is UNSET:
-                if attr in getattr(owner, "__dict__", {}):
-                    delattr(owner, attr)
-            else:
-                setattr(owner, attr, found)
-        _originals.clear()
+        _swaps.restore_all()
