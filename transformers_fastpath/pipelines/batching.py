@@ -14,8 +14,8 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["CALLER_INDICES", "call_override_subclass", "disable_length_sorting", "enable_length_sorting",
-           "input_length", "restore_attached_order", "sorted_order"]
+__all__ = ["CALLER_INDICES", "disable_length_sorting", "enable_length_sorting",
+           "input_length", "override_subclass", "restore_attached_order", "sorted_order"]
 
 CALLER_INDICES: contextvars.ContextVar[Sequence[int] | None] = contextvars.ContextVar(
     "fastpath_caller_indices", default=None)
@@ -83,14 +83,15 @@ def _sorted_call(self: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 @functools.cache
-def call_override_subclass(cls: type, call: Callable[..., Any], marker: str) -> type:
-    """A subclass of pipeline class ``cls`` that differs only in ``__call__``.
+def override_subclass(cls: type, marker: str, **methods: Callable[..., Any]) -> type:
+    """A subclass of pipeline class ``cls`` that differs only in ``methods`` (``__call__=...``).
 
     ``isinstance`` keeps holding for the pipeline's own class; ``marker`` names the class
-    attribute that keeps ``cls``, so the swap can be detected and undone.
+    attribute that keeps ``cls``, so the swap can be detected and undone. Cached: one subclass per
+    (class, marker, methods), so swapping classes never piles up types.
     """
     return type(cls.__name__, (cls,), {
-        "__call__": call,
+        **methods,
         "__module__": cls.__module__,
         "__qualname__": cls.__qualname__,
         marker: cls,
@@ -98,7 +99,7 @@ def call_override_subclass(cls: type, call: Callable[..., Any], marker: str) -> 
 
 
 def _sorting_subclass(cls: type) -> type:
-    return call_override_subclass(cls, _sorted_call, "_fastpath_base_class")
+    return override_subclass(cls, "_fastpath_base_class", __call__=_sorted_call)
 
 
 def enable_length_sorting(pipeline: Any) -> None:

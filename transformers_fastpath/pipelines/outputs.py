@@ -18,8 +18,9 @@ subclass (the pipeline's class is swapped, as for length sorting), so copies of 
 
 from __future__ import annotations
 
-import functools
 from typing import Any
+
+from .batching import override_subclass
 
 __all__ = ["OWN_LENGTH_KEY", "enable_own_tokens", "own_tokens_enabled"]
 
@@ -72,22 +73,11 @@ def _base(pipeline: Any) -> type:
     return getattr(type(pipeline), _MARKER)
 
 
-@functools.cache
-def _own_tokens_subclass(cls: type) -> type:
-    return type(cls.__name__, (cls,), {
-        "preprocess": _preprocess,
-        "_forward": _forward,
-        "postprocess": _postprocess,
-        "__module__": cls.__module__,
-        "__qualname__": cls.__qualname__,
-        _MARKER: cls,
-    })
-
-
 def enable_own_tokens(pipeline: Any) -> None:
     """Make a feature-extraction pipeline return each input's own tokens at any batch size (idempotent)."""
     if not own_tokens_enabled(pipeline):
-        pipeline.__class__ = _own_tokens_subclass(type(pipeline))
+        pipeline.__class__ = override_subclass(type(pipeline), _MARKER, preprocess=_preprocess, _forward=_forward,
+                                               postprocess=_postprocess)
 
 
 def own_tokens_enabled(pipeline: Any) -> bool:

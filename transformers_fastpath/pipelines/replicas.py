@@ -32,7 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
 from ..planning.plan import Plan
-from .batching import call_override_subclass
+from .batching import override_subclass
 from .replica_workers import WorkerReplica, WorkerUnavailable, recipe_for
 from .resilience import gather_shards
 
@@ -117,7 +117,7 @@ def _warn_once(replica: WorkerReplica, exc: Exception) -> None:
 
 
 def _replicated_subclass(cls: type) -> type:
-    return call_override_subclass(cls, _replicated_call, "_fastpath_replicas_base")
+    return override_subclass(cls, "_fastpath_replicas_base", __call__=_replicated_call)
 
 
 def _copy_model(model: Any, device: str) -> Any:

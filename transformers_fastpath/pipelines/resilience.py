@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FastpathError, is_out_of_memory
-from .batching import CALLER_INDICES, call_override_subclass, input_length
+from .batching import CALLER_INDICES, input_length, override_subclass
 
 __all__ = ["INPUT_ERRORS", "disable_resilience", "enable_resilience", "gather_shards", "resilience_of"]
 
@@ -93,7 +93,7 @@ def enable_resilience(pipeline: Any, input_errors: str = "raise") -> None:
         state.input_errors = input_errors
         return
     object.__setattr__(pipeline, _STATE_ATTR, ResilienceState(input_errors))
-    pipeline.__class__ = call_override_subclass(type(pipeline), _resilient_call, _MARKER)  # type: ignore[arg-type]
+    pipeline.__class__ = override_subclass(type(pipeline), _MARKER, __call__=_resilient_call)
 
 
 def disable_resilience(pipeline: Any) -> None:
