@@ -1,10 +1,11 @@
 """The documentation stays true: its code runs, its references are complete, the site builds.
 
-* Every ```python block of docs/quickstart.md, docs/migration.md and README.md runs, in
-  order, one namespace per page, in a subprocess, offline: the examples say
-  ``sentence-transformers/all-MiniLM-L6-v2`` and a temporary Hugging Face cache (HF_HOME) holds
-  the bundled copy of that model under that id. A block whose first line is ``# NAME.ext`` is a file: it is written to the working
-  directory instead of being run (``# fastpath.toml``, ``# my_script.py``).
+* The pages' code blocks are read here (``code_blocks``, ``page_steps``) and the offline Hugging
+  Face cache is made here (``hf_home``: ``sentence-transformers/all-MiniLM-L6-v2`` resolves to the
+  bundled copy); tests/test_user_journeys.py runs every ```python block of README.md,
+  docs/quickstart.md and docs/migration.md with them, and compares what fastpath made there with
+  plain transformers. A block whose first line is ``# NAME.ext`` is a file: it is written to the
+  working directory instead of being run (``# fastpath.toml``, ``# my_script.py``).
 * docs/troubleshooting.md covers every warning and error the library emits: each call site
   (``warnings.warn``, ``logger.warning/error/exception/critical/log``, the warn-once helpers,
   ``raise SomeError(...)``, CLI ``print(..., file=sys.stderr)``) must be matched by a message
@@ -19,12 +20,10 @@ from __future__ import annotations
 
 import ast
 import functools
-import json
 import os
 import re
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,45 +66,6 @@ def code_blocks(text: str) -> list[Block]:
 
 # -- running pages ---------------------------------------------------------------------------
 
-# Pages whose python blocks run. One interpreter runs them all (imports are most of the cost),
-# each page in its own namespace and working directory, fastpath reset between pages.
-EXECUTED_PAGES = ("docs/quickstart.md", "docs/migration.md", "README.md")
-
-_DRIVER = textwrap.dedent('''
-    import json, os, sys, traceback
-    from pathlib import Path
-
-    pages, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
-    results = {}
-    for page in pages:
-        os.chdir(page["workdir"])
-        namespace = {"__name__": "__main__"}
-        try:
-            for step in page["steps"]:
-                if step["file"]:
-                    Path(step["file"]).write_text(step["code"])
-                    continue
-                # Newlines in front keep line numbers: a traceback names the line of the page.
-                exec(compile("\\n" * (step["line"] - 1) + step["code"], page["path"], "exec"), namespace)
-            results[page["name"]] = "ok"
-        except BaseException:
-            results[page["name"]] = traceback.format_exc()
-        finally:  # back to a fresh interpreter's state: not installed, fastpath= accepted
-            import transformers_fastpath
-            from transformers_fastpath.interception import patches
-            transformers_fastpath.uninstall()
-            patches.patch_all()
-        out.write_text(json.dumps(results))
-''')
-
-# The quickstart's environment-variable example, run the way the page says (a fresh interpreter).
-_ENV_CHECK = (
-    "import runpy, transformers_fastpath as fp\n"
-    "ns = runpy.run_path('my_script.py', run_name='__main__')\n"
-    "assert fp.plan_of(ns['pipe']) is not None, 'TRANSFORMERS_FASTPATH=1 did not turn fastpath on'\n"
-)
-
-
 def page_steps(page: Path) -> list[dict[str, object]]:
     steps = []
     for block in code_blocks(page.read_text()):
@@ -142,49 +102,6 @@ def offline_env(hf_home: Path, **extra: str) -> dict[str, str]:
                HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
     env.update(extra)
     return env
-
-
-@pytest.fixture(scope="session")
-def executed_pages(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Run every page of EXECUTED_PAGES (and the env-var script, in parallel): page -> "ok" or traceback."""
-    root = tmp_path_factory.mktemp("pages")
-    pages = []
-    for name in EXECUTED_PAGES:
-        workdir = root / name.replace("/", "_").removesuffix(".md")
-        workdir.mkdir()
-        pages.append({"name": name, "path": str(REPO / name), "workdir": str(workdir),
-                      "steps": page_steps(REPO / name)})
-    (root / "pages.json").write_text(json.dumps(pages))
-    (root / "driver.py").write_text(_DRIVER)
-    env_dir = root / "env_var"
-    env_dir.mkdir()
-    script = next((b for b in code_blocks((DOCS / "quickstart.md").read_text()) if b.file_name == "my_script.py"), None)
-    assert script is not None, "quickstart.md no longer has the '# my_script.py' block"
-    (env_dir / "my_script.py").write_text(script.code)
-
-    env_proc = subprocess.Popen([sys.executable, "-c", _ENV_CHECK], cwd=env_dir, text=True,
-                                env=offline_env(hf_home, TRANSFORMERS_FASTPATH="1"),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc = subprocess.run([sys.executable, str(root / "driver.py"), str(root / "pages.json"), str(root / "results.json")],
-                          cwd=root, env=offline_env(hf_home), capture_output=True, text=True, timeout=400)
-    env_out, env_err = env_proc.communicate(timeout=300)
-    results_file = root / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    for name in EXECUTED_PAGES:
-        results.setdefault(name, f"the driver died before finishing it:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    results["env:my_script.py"] = "ok" if env_proc.returncode == 0 else env_err[-4000:]
-    return results
-
-
-@pytest.mark.parametrize("page", EXECUTED_PAGES)
-def test_python_blocks_of_the_page_run(page: str, executed_pages: dict[str, str]) -> None:
-    assert executed_pages[page] == "ok", (
-        f"a python block of {page} failed; the traceback names the page and its line:\n{executed_pages[page]}")
-
-
-def test_quickstart_env_var_example_turns_fastpath_on(executed_pages: dict[str, str]) -> None:
-    assert "TRANSFORMERS_FASTPATH=1 python my_script.py" in (DOCS / "quickstart.md").read_text()
-    assert executed_pages["env:my_script.py"] == "ok", executed_pages["env:my_script.py"]
 
 
 # -- README ---------------------------------------------------------------------------------------

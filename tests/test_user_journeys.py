@@ -1,5 +1,5 @@
-"""The documented ways in, tried as a user would: every Python block of README.md and
-docs/quickstart.md runs in order, and everything fastpath made in them gives plain transformers'
+"""The documented ways in, tried as a user would: every Python block of README.md,
+docs/quickstart.md and docs/migration.md runs in order (one namespace per page, offline), and everything fastpath made in them gives plain transformers'
 results (tests/journeys.py says how each is compared). The quickstart's environment-variable
 script runs in a fresh interpreter with ``TRANSFORMERS_FASTPATH=1``, as the page says.
 
@@ -19,12 +19,13 @@ import pytest
 from conftest import REPO
 from test_docs import hf_home, offline_env, page_steps  # noqa: F401 - hf_home is a fixture
 
-JOURNEY_PAGES = ("README.md", "docs/quickstart.md")
+JOURNEY_PAGES = ("README.md", "docs/quickstart.md", "docs/migration.md")
 ENV_SCRIPT = "env: TRANSFORMERS_FASTPATH=1 python my_script.py"
 # Pages' fastpath objects, by the name the page gives them: each must be found and checked.
 EXPECTED = {
     "README.md": {"pipe", "model", "plain"},
     "docs/quickstart.md": {"pipe", "model", "plain", "classifier"},
+    "docs/migration.md": {"pipe", "model"},
     ENV_SCRIPT: {"pipe"},
 }
 
@@ -80,3 +81,7 @@ def journeys(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 @pytest.mark.parametrize("page", sorted(EXPECTED))
 def test_journey_gives_plain_transformers_results(page: str, journeys: dict[str, Any]) -> None:
     assert_journey_passes(journeys, page)
+
+
+def test_the_env_var_example_is_the_command_the_quickstart_shows() -> None:
+    assert "TRANSFORMERS_FASTPATH=1 python my_script.py" in (REPO / "docs/quickstart.md").read_text()
