@@ -6,13 +6,16 @@ import copy
 import importlib.util
 import inspect
 import logging
+import queue
 import sys
+import threading
 from types import SimpleNamespace
 
 import pytest
 import torch
 import transformers
-from torch.nn.attention import SDPBackend
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.generation.streamers import BaseStreamer
 
 import transformers_fastpath as fp
 from transformers_fastpath import Hardware, StrictModeError
@@ -220,7 +223,7 @@ def test_chain_is_active_around_forward_and_generate_and_reverts() -> None:
 
     keys = list(model.state_dict())
     fp.revert(model)
-    assert "forward" not in vars(model) and "generate" not in vars(model) and LAYERS_ATTR not in vars(model)
+    assert not {"forward", "generate", "get_compiled_call", LAYERS_ATTR} & set(vars(model))
     assert list(model.state_dict()) == keys
     spy.seen.clear()
     with torch.no_grad():
@@ -328,6 +331,121 @@ def test_a_no_kernel_error_at_run_time_is_retried_only_when_safe() -> None:
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         chain._run(model, other_error, (), {}, frozenset({"full"}), retry_safe=True)
+
+
+# -- threads: the chain is held per forward step, never while the caller's code runs -----------------
+
+class QueueStreamer(BaseStreamer):
+    """Hands each chunk of tokens to another thread through a bounded queue (the TextIteratorStreamer pattern),
+    recording the SDPA priority order torch has while the caller's code runs."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.orders: list[tuple[int, ...]] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.orders.append(tuple(int(v) for v in torch._C._get_sdp_priority_order()))
+        self.queue.put(value, timeout=60)
+
+    def end(self) -> None:
+        self.queue.put(None, timeout=60)
+
+
+def test_a_streamer_feeding_another_fastpath_model_in_another_thread_does_not_hang() -> None:
+    """Thread A generates with a streamer that feeds thread B through a bounded queue; B runs an encoder under
+    another chain on each chunk. Holding A's chain for the whole generate call made both wait forever."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(llama_config(eos_token_id=None)).eval()  # all 8 new tokens, no early EOS
+    ids, mask = ids_and_mask()
+    reference = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    torch.manual_seed(0)
+    encoder = transformers.BertModel(transformers.BertConfig(
+        vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).eval()
+    with torch.no_grad():
+        encoder_reference = encoder(input_ids=ids).last_hidden_state
+    default_order = tuple(int(v) for v in torch._C._get_sdp_priority_order())
+    fp.apply(model, None, hardware=CPU)  # ("flash", "math")
+    fp.apply(encoder, {"defaults": {"sdpa_backends": ["math", "flash"], "encoder_fastpath": False}}, hardware=CPU)
+    streamer = QueueStreamer()
+    results: dict[str, object] = {}
+    encoded: list[torch.Tensor] = []
+
+    def generate() -> None:
+        results["tokens"] = model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=8, do_sample=False,
+                                           pad_token_id=0, streamer=streamer)
+
+    def encode() -> None:
+        while streamer.queue.get(timeout=60) is not None:
+            with torch.no_grad():
+                encoded.append(encoder(input_ids=ids).last_hidden_state)
+
+    threads = [threading.Thread(target=generate, daemon=True), threading.Thread(target=encode, daemon=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    hung = [thread.name for thread in threads if thread.is_alive()]
+    assert not hung, f"threads {hung} still blocked after 60 s"
+    assert torch.equal(results["tokens"], reference[:1, :results["tokens"].shape[1]])
+    assert len(encoded) == 9  # the prompt, then 8 new tokens
+    for hidden in encoded:
+        torch.testing.assert_close(hidden, encoder_reference, rtol=1e-4, atol=1e-5)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], set_priority=True):
+        generate_order = tuple(int(v) for v in torch._C._get_sdp_priority_order())
+    assert len(streamer.orders) == 9 and generate_order not in streamer.orders  # A's chain not held in the streamer
+    assert tuple(int(v) for v in torch._C._get_sdp_priority_order()) == default_order
+
+
+def tracing_compile(monkeypatch):
+    """A stand-in for ``torch.compile`` that runs the function as the compiler traces it (``is_compiling()``
+    is true inside), so a test sees which chain a real compile would trace under."""
+    def fake_compile(fn, **options):
+        def traced(*args, **kwargs):
+            with monkeypatch.context() as patch:
+                patch.setattr(torch.compiler, "is_compiling", lambda: True)
+                return fn(*args, **kwargs)
+        return traced
+    return fake_compile
+
+
+def test_transformers_compiled_decode_step_runs_under_the_chain(monkeypatch) -> None:
+    """transformers compiles ``__call__`` for decode steps; inside the compiled code our forward layer passes
+    through, so the chain is held around the compiled call (a layer on get_compiled_call)."""
+    model = llama()
+    ids, mask = ids_and_mask()
+    reference = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                               cache_implementation="static")
+    fp.apply(model, {"defaults": {"sdpa_backends": ["math", "flash"], "compile": False}}, hardware=CPU)
+    monkeypatch.setattr(torch, "compile", tracing_compile(monkeypatch))
+    spy = BackendSpy(model)
+    config = transformers.CompileConfig()
+    config._compile_all_devices = True  # transformers compiles on GPUs only, unless told otherwise
+    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                            cache_implementation="static", compile_config=config, disable_compile=False)
+    assert torch.equal(tokens, reference)
+    assert len(spy.seen) == 5 and all(seen[:2] == ("MATH", "FLASH_ATTENTION") for seen in spy.seen)
+    assert "_compiled_call" in vars(model)  # the decode steps did go through transformers' compiled call
+    fp.revert(model)
+    assert "get_compiled_call" not in vars(model)
+
+
+def test_lean_decode_loop_compiled_step_runs_under_the_chain(monkeypatch) -> None:
+    """fastpath's own lean loop calls its compiled step directly (not through get_compiled_call): the step is
+    traced, so each call of it holds the model's chain; the prefill goes through the forward layer."""
+    model = llama()
+    ids, mask = ids_and_mask()
+    reference = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    default_order = tuple(int(v) for v in torch._C._get_sdp_priority_order())
+    fp.apply(model, {"defaults": {"sdpa_backends": ["math", "flash"], "compile": True}}, hardware=CPU)
+    assert fp.plan_of(model)["decode_loop"] is True
+    monkeypatch.setattr(torch, "compile", tracing_compile(monkeypatch))
+    spy = BackendSpy(model)
+    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(tokens, reference)
+    loop = get_layer(model, "generate", "generate_static_cache").__self__.loop
+    assert loop._compiled is not None  # the lean loop ran, with its (stand-in) compiled step
+    assert len(spy.seen) == 5 and all(seen[:2] == ("MATH", "FLASH_ATTENTION") for seen in spy.seen)
+    assert tuple(int(v) for v in torch._C._get_sdp_priority_order()) == default_order
 
 
 def test_probe_and_error_helpers() -> None:

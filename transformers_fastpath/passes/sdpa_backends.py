@@ -1,10 +1,14 @@
 """The ``sdpa_backends`` pass: run a model's SDPA attention through an ordered chain of kernels.
 
-Around the top-level model's ``forward`` and ``generate`` (instance-level overrides, see
+Around each call of the top-level model's ``forward`` (an instance-level override, see
 :mod:`.instance_methods`; parameters are never touched), the pass enters
 ``torch.nn.attention.sdpa_kernel(chain, set_priority=True)``: every attention call takes the
 first backend of the chain that has a kernel for its inputs -- torch itself falls through the
-chain per call, so a decode step can use one backend and a padded prefill the next.
+chain per call, so a decode step can use one backend and a padded prefill the next. Around
+``generate`` the pass only chooses the chain for the whole call (its call kinds, its retry); the
+chain is held per forward step (and per call of transformers' compiled step, through a layer on
+``get_compiled_call``), never while the caller's streamer, logits processors or stopping
+criteria run.
 
 Before the first call of each kind (unpadded, single-token decode, masked), a tiny probe tells
 which backends of the chain run the model's attention geometry (heads, KV heads, head dim),
@@ -21,7 +25,10 @@ Calls that record autograd (training) use a chain without cuDNN when the chain i
 ``sdpa_kernel``'s flags and priority order are process-wide, not per thread: two threads entering
 different chains would interleave their enter/exit pairs and leave the process with one of them.
 :func:`process_chain` shares one applied chain among the threads that want the same one and makes
-a thread that wants another wait until the current one is released.
+a thread that wants another wait until the current one is released. Since a chain is held only
+while a model's own forward code runs (no code of the caller's inside, except its forward hooks),
+a wait lasts at most one forward call of another model, and a thread that waits for another
+one's streamer cannot deadlock with it.
 """
 
 from __future__ import annotations
@@ -33,12 +40,12 @@ import logging
 import re
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import PassSkipped, StrictModeError
-from .instance_methods import add_layer, bind_call, remove_layer
+from .instance_methods import add_layer, bind_call, get_layer, remove_layer
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +61,7 @@ __all__ = [
     "BackendChain",
     "SdpaBackendsPass",
     "available_backends",
+    "compiled_step_scope",
     "is_no_kernel_error",
     "probe_backend",
     "training_chain",
@@ -77,8 +85,20 @@ _KIND_TEXT = {"full": "unmasked attention", "decode": "single-token decode atten
 _NO_KERNEL = re.compile(r"No available kernel|No viable backend for scaled_dot_product_attention")
 _STATIC_CACHES = ("static", "offloaded_static")
 
-# True while a chain is active in this thread/task: inner forward calls of generate pass through.
-_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("transformers_fastpath_sdpa_active", default=False)
+# True while this thread/task holds a chain: nested calls run under it and pass through.
+_HELD: contextvars.ContextVar[bool] = contextvars.ContextVar("transformers_fastpath_sdpa_held", default=False)
+
+
+@dataclass(frozen=True)
+class _GenerateScope:
+    """The chain chosen for the ``generate`` call this thread/task is in, held per forward step."""
+
+    model: Any
+    backends: list[Any]
+
+
+_GENERATING: contextvars.ContextVar[_GenerateScope | None] = contextvars.ContextVar(
+    "transformers_fastpath_sdpa_generating", default=None)
 
 
 _CHAIN_LOCK = threading.Condition()
@@ -300,35 +320,63 @@ class BackendChain:
 
     # -- running ----------------------------------------------------------------
     def around_forward(self, model: Any, inner: Any, *args: Any, **kwargs: Any) -> Any:
-        """Layer around ``model.forward`` (see :func:`.instance_methods.add_layer`)."""
+        """Layer around ``model.forward`` (see :func:`.instance_methods.add_layer`): the chain held for the call."""
         import torch
 
-        if torch.compiler.is_compiling() or _ACTIVE.get():
+        if torch.compiler.is_compiling() or _HELD.get():
             return inner(*args, **kwargs)
+        scope = _GENERATING.get()
+        if scope is not None and scope.model is model:  # a step of generate: its chain, its retry
+            with _held(scope.backends):
+                return inner(*args, **kwargs)
         call = bind_call(type(model), "forward", args, kwargs)
         kinds = _forward_kinds(call)
         retry_safe = call.get("past_key_values") is None and call.get("cache") is None
-        return self._run(model, inner, args, kwargs, kinds, retry_safe)
+        return self._run(model, inner, args, kwargs, kinds, retry_safe, _held)
 
     def around_generate(self, model: Any, inner: Any, *args: Any, **kwargs: Any) -> Any:
-        """Layer around ``model.generate``: one chain for the whole call, inner forwards pass through."""
-        if _ACTIVE.get():
+        """Layer around ``model.generate``: one chain chosen for the whole call, held per forward step."""
+        scope = _GENERATING.get()
+        if _HELD.get() or (scope is not None and scope.model is model):
             return inner(*args, **kwargs)
         call = bind_call(type(model), "generate", args, kwargs)
         kinds = _generate_kinds(model, call)
         retry_safe = call.get("streamer") is None and call.get("past_key_values") is None and call.get("cache") is None
-        return self._run(model, inner, args, kwargs, kinds, retry_safe)
+        return self._run(model, inner, args, kwargs, kinds, retry_safe,
+                         lambda backends: _generating(_GenerateScope(model, backends)))
+
+    def around_compiled_call(self, model: Any, inner: Any, *args: Any, **kwargs: Any) -> Any:
+        """Layer around ``model.get_compiled_call``: inside ``generate``, the compiled step holds the chain.
+
+        transformers calls the compiled ``__call__`` it returns for each decode step; the compiler
+        traces the forward (where :meth:`around_forward` passes through) under whatever chain is
+        applied, so the chain must be held around the compiled call itself.
+        """
+        compiled = inner(*args, **kwargs)
+        scope = _GENERATING.get()
+        if scope is None or scope.model is not model:
+            return compiled
+        backends = scope.backends
+
+        def call_holding_the_chain(*call_args: Any, **call_kwargs: Any) -> Any:
+            with _held(backends):
+                return compiled(*call_args, **call_kwargs)
+
+        return call_holding_the_chain
 
     def _run(self, model: Any, inner: Any, args: tuple, kwargs: dict[str, Any], kinds: frozenset[CallKind],
-             retry_safe: bool) -> Any:
+             retry_safe: bool, under: Callable[[list[Any]], contextlib.AbstractContextManager[Any]] | None = None
+             ) -> Any:
+        """``inner`` under ``under(backends)`` (held for this call by default); on "no kernel", once more with
+        every backend allowed, when that is safe."""
         import torch
 
+        under = under or _held
         grad = torch.is_grad_enabled()
         backends = self.backends_for(model, kinds, grad=grad)
         chain = self.grad_chain if grad else self.chain
-        token = _ACTIVE.set(True)
         try:
-            with process_chain(backends):
+            with under(backends):
                 return inner(*args, **kwargs)
         except RuntimeError as exc:
             if not is_no_kernel_error(exc):
@@ -343,15 +391,45 @@ class BackendChain:
                                    "object or streamer). Add 'math' to sdpa_backends.") from exc
             self._log_once(f"no backend in sdpa_backends [{names}] had a kernel for an attention call "
                            f"({_first_line(exc)}); the call was re-run with every backend allowed")
-        finally:
-            _ACTIVE.reset(token)
         everything = _members([*chain, *(n for n in _torch_order() if n not in chain)])
-        token = _ACTIVE.set(True)
-        try:
-            with process_chain(everything):
-                return inner(*args, **kwargs)
-        finally:
-            _ACTIVE.reset(token)
+        with under(everything):
+            return inner(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _held(backends: list[Any]) -> Iterator[None]:
+    """Hold ``backends`` as the process's chain for this thread/task's call; nested calls pass through."""
+    token = _HELD.set(True)
+    try:
+        with process_chain(backends):
+            yield
+    finally:
+        _HELD.reset(token)
+
+
+def compiled_step_scope(model: Any) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """For code that calls a compiled function running ``model``'s forward (fastpath's lean decode step):
+    a context factory holding the model's chain for masked calls around each call of it.
+
+    Inside compiled code the forward layer passes through (no lock can be taken while tracing), and
+    the compiler picks the kernel under whatever chain is applied when it traces, so the caller of
+    the compiled function holds the chain. Without this pass on the model, nothing is held.
+    """
+    layer = get_layer(model, "forward", SdpaBackendsPass.name)
+    runtime = getattr(layer, "__self__", None)
+    if not isinstance(runtime, BackendChain):
+        return contextlib.nullcontext
+    backends = runtime.backends_for(model, ("masked",))
+    return lambda: contextlib.nullcontext() if _HELD.get() else _held(backends)
+
+
+@contextlib.contextmanager
+def _generating(scope: _GenerateScope) -> Iterator[None]:
+    token = _GENERATING.set(scope)
+    try:
+        yield
+    finally:
+        _GENERATING.reset(token)
 
 
 class SdpaBackendsPass:
@@ -390,8 +468,11 @@ class SdpaBackendsPass:
         add_layer(model, "forward", self.name, runtime.around_forward)
         if callable(getattr(model, "generate", None)):
             add_layer(model, "generate", self.name, runtime.around_generate)
+            if callable(getattr(model, "get_compiled_call", None)):
+                add_layer(model, "get_compiled_call", self.name, runtime.around_compiled_call)
 
     def revert(self, model: nn.Module) -> None:
+        remove_layer(model, "get_compiled_call", self.name)
         remove_layer(model, "generate", self.name)
         remove_layer(model, "forward", self.name)
 

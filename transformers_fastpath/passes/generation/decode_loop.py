@@ -19,12 +19,14 @@ model inputs, ``return_dict_in_generate`` -- goes to transformers' own loop
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from ..instance_methods import method_signature
+from ..sdpa_backends import compiled_step_scope
 
 __all__ = ["SYNC_EVERY", "DecodeLoop", "ineligible"]
 
@@ -176,6 +178,7 @@ class DecodeLoop:
         position = positions[:, -1:] + 1
         token = token[:, None]
         step = self._step(model, cache_arg, takes_positions, compile)
+        step_scope = compiled_step_scope(model) if compile else contextlib.nullcontext
         pad_t = torch.tensor(pad if pad is not None else 0, device=device)
 
         graphs = compile and device.type == "cuda"
@@ -184,8 +187,9 @@ class DecodeLoop:
             full_mask[:, slot] = 1
             if graphs:  # a new CUDA-graph iteration: the previous step's outputs may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
-            outputs = step(model, cache, token, position, cache_positions[slot:slot + 1], full_mask, unfinished,
-                           eos_t, pad_t)
+            with step_scope():  # the model's SDPA chain, which the compiler traces under
+                outputs = step(model, cache, token, position, cache_positions[slot:slot + 1], full_mask,
+                               unfinished, eos_t, pad_t)
             # Copy into our own buffers before the next replay reuses the graph's output memory.
             for buffer, value in zip((token, position, unfinished), outputs):
                 buffer.copy_(value)
