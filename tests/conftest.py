@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# ONNX exports of this run go to a folder of its own, never the user's cache.
+os.environ.setdefault("TRANSFORMERS_FASTPATH_CACHE", tempfile.mkdtemp(prefix="fastpath-test-cache-"))
 
 REPO = Path(__file__).resolve().parent.parent
 

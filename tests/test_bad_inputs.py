@@ -34,7 +34,7 @@ def _leave_transformers_as_found(clean_fastpath: None) -> None:
     """Every test here restores the patches and installed policy it found (conftest's clean_fastpath)."""
 
 ENV_VARS = ("TRANSFORMERS_FASTPATH", "TRANSFORMERS_FASTPATH_POLICY", "TRANSFORMERS_FASTPATH_DISABLE_PLUGIN_AUTOLOAD",
-            "TRANSFORMERS_FASTPATH_PLUGINS")
+            "TRANSFORMERS_FASTPATH_PLUGINS", "TRANSFORMERS_FASTPATH_CACHE")
 HUGE = "x" * 100_000  # Linux caps one environment string at 128 KiB
 
 

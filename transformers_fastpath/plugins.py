@@ -53,6 +53,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "transformers_fastpath.builtin.generation",
     "transformers_fastpath.builtin.placement",
     "transformers_fastpath.builtin.quantization",
+    "transformers_fastpath.builtin.onnxruntime",
 )
 
 

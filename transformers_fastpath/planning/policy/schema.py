@@ -102,6 +102,7 @@ ATTENTION = ("auto", "keep", "sdpa", "eager", "flash_attention_2", "flash_attent
 QUANTIZATION = ("none", "auto", "bnb-nf4", "bnb-fp4", "bnb-int8", "torchao-int8", "torchao-int4",
                 "torchao-float8")
 PLACEMENT = ("auto", "single", "balanced", "replicate", "tensor-parallel")
+BACKENDS = ("auto", "torch", "onnxruntime", "onnxruntime-int8")
 
 _SETTINGS_LIST = [
     Setting("dtype", _choice(*DTYPES), "auto",
@@ -116,6 +117,11 @@ _SETTINGS_LIST = [
     Setting("encoder_fastpath", _auto_or_bool, "auto",
             "Fused, padding-free encoder layers for BERT-family and ViT models at inference. "
             "auto: on wherever the model supports it."),
+    Setting("backend", _choice(*BACKENDS), "auto",
+            "What runs a CPU text encoder's inference forward. auto: onnxruntime where it applies (a float32 "
+            "encoder on the CPU, the [onnx] extra installed), else torch. onnxruntime: single texts and nearly "
+            "full batches in ONNX Runtime, padded batches in torch. onnxruntime-int8: the same with int8 weights "
+            "(faster; changes outputs)."),
     Setting("quantization", _choice(*QUANTIZATION), "none",
             "Weight quantization. auto: none when the model fits the memory budget, else the least "
             "lossy method that makes it fit."),
