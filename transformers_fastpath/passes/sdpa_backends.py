@@ -398,7 +398,11 @@ class BackendChain:
 
 @contextlib.contextmanager
 def _held(backends: list[Any]) -> Iterator[None]:
-    """Hold ``backends`` as the process's chain for this thread/task's call; nested calls pass through."""
+    """Hold ``backends`` as the process's chain for this thread/task's call; nested calls pass through
+    (a thread/task that already holds a chain keeps it: entering another one would interleave)."""
+    if _HELD.get():
+        yield
+        return
     token = _HELD.set(True)
     try:
         with process_chain(backends):
@@ -420,7 +424,7 @@ def compiled_step_scope(model: Any) -> Callable[[], contextlib.AbstractContextMa
     if not isinstance(runtime, BackendChain):
         return contextlib.nullcontext
     backends = runtime.backends_for(model, ("masked",))
-    return lambda: contextlib.nullcontext() if _HELD.get() else _held(backends)
+    return lambda: _held(backends)
 
 
 @contextlib.contextmanager
