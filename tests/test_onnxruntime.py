@@ -23,9 +23,11 @@ import transformers  # noqa: E402
 
 import transformers_fastpath as fp  # noqa: E402
 from transformers_fastpath import Hardware, StrictModeError  # noqa: E402
-from transformers_fastpath.builtin import onnxruntime as ort_plugin  # noqa: E402
+from transformers_fastpath.passes.onnxruntime import (
+    ort_pass,  # noqa: E402
+    runtime_of,  # noqa: E402
+)
 from transformers_fastpath.passes.onnxruntime import runtime as ort_runtime  # noqa: E402
-from transformers_fastpath.passes.onnxruntime import runtime_of  # noqa: E402
 from transformers_fastpath.passes.onnxruntime.cache import MANIFEST, cache_root  # noqa: E402
 from transformers_fastpath.passes.onnxruntime.export import exported_graph  # noqa: E402
 
@@ -247,14 +249,14 @@ def test_auto_picks_onnxruntime_only_for_cpu_float32_encoders(tmp_path, monkeypa
     llama = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
                                      vocab_size=300, architectures=["LlamaForCausalLM"])
     assert "no ONNX Runtime encoder export" in fp.resolve(llama, hardware=CPU).settings["backend"].reason
-    monkeypatch.setattr(ort_plugin, "missing_packages", lambda: ["onnxruntime"])
+    monkeypatch.setattr(ort_pass, "missing_packages", lambda: ["onnxruntime"])
     missing = fp.resolve(path, hardware=CPU)
     assert missing["backend"] == "torch" and "onnxruntime not installed" in missing.settings["backend"].reason
 
 
 def test_an_explicit_backend_that_cannot_run_warns_once_and_loads_in_torch(tmp_path, monkeypatch) -> None:
     path = saved(tmp_path, "bert")
-    monkeypatch.setattr(ort_plugin, "missing_packages", lambda: ["onnxruntime"])
+    monkeypatch.setattr(ort_pass, "missing_packages", lambda: ["onnxruntime"])
     with pytest.warns(UserWarning, match="backend = 'onnxruntime' cannot run .* onnxruntime not installed"):
         model = transformers.AutoModel.from_pretrained(path, fastpath=ORT)
     assert runtime_of(model) is None and fp.plan_of(model).pass_status("fused_encoder").status == "applied"

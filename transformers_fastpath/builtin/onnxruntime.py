@@ -19,7 +19,12 @@ from ..errors import StrictModeError
 from ..hookspecs import hookimpl
 from ..loading.quantization import warn_once
 from ..passes.base import Pass
-from ..passes.onnxruntime import ORT_BACKENDS, OnnxRuntimePass, config_reason, missing_packages
+from ..passes.onnxruntime import (
+    ORT_BACKENDS,
+    OnnxRuntimePass,
+    config_reason,
+    missing_reason,
+)
 from ..planning.plan import PlanBuilder
 from ..planning.tasks import TEXT_TASKS
 from .defaults import _resolve_dtype, model_location
@@ -71,7 +76,4 @@ def _problem(plan: PlanBuilder) -> str | None:
         return f"dtype is {plan.get('dtype')}; the ONNX Runtime export is float32"
     if plan.get("quantization") not in ("none", None):
         return f"quantization = {plan.get('quantization')} needs torch's quantized layers"
-    missing = missing_packages()
-    if missing:
-        return f"{', '.join(missing)} not installed (pip install 'transformers-fastpath[onnx]')"
-    return None
+    return missing_reason()

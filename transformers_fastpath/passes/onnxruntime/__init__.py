@@ -11,7 +11,15 @@ Importing this package is cheap (no torch, no onnxruntime): ``export`` and ``run
 imported when the pass applies.
 """
 
-from .ort_pass import ORT_BACKENDS, ORT_MODEL_TYPES, OnnxRuntimePass, config_reason, missing_packages, runtime_of
+from .ort_pass import (
+    ORT_BACKENDS,
+    ORT_MODEL_TYPES,
+    OnnxRuntimePass,
+    config_reason,
+    missing_packages,
+    missing_reason,
+    runtime_of,
+)
 
 __all__ = ["ORT_BACKENDS", "ORT_MODEL_TYPES", "OnnxRuntimePass", "config_reason", "missing_packages",
-           "runtime_of"]
+           "missing_reason", "runtime_of"]

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ...planning.plan import Plan, PlanBuilder
 
 __all__ = ["ORT_BACKENDS", "ORT_MODEL_TYPES", "OnnxRuntimePass", "config_reason", "missing_packages",
-           "runtime_of"]
+           "missing_reason", "runtime_of"]
 
 ORT_BACKENDS = {"onnxruntime": "none", "onnxruntime-int8": "int8"}  # backend -> weight quantization
 # Encoder-only text families whose forward is (input_ids, attention_mask[, token_type_ids]) -> tensors,
@@ -35,6 +35,14 @@ _PACKAGES = {"onnxruntime": "onnxruntime", "onnx": "onnx", "onnxscript": "onnxsc
 def missing_packages() -> list[str]:
     """The packages of the ``[onnx]`` extra that are not installed."""
     return [package for module, package in _PACKAGES.items() if importlib.util.find_spec(module) is None]
+
+
+def missing_reason() -> str | None:
+    """Why the ``[onnx]`` extra cannot serve a model here (None: it is installed)."""
+    missing = missing_packages()
+    if not missing:
+        return None
+    return f"{', '.join(missing)} not installed (pip install 'transformers-fastpath[onnx]')"
 
 
 def config_reason(info: ModelInfo) -> str | None:
@@ -57,20 +65,12 @@ class OnnxRuntimePass:
     training_safe = False
 
     def supports(self, info: ModelInfo, plan: PlanBuilder | Plan) -> str | None:
+        """The config and the installed packages; where the model runs and its dtype are decided by
+        ``builtin.onnxruntime`` from the plan, and checked on the real weights by :meth:`apply`."""
         backend = plan.get("backend")
         if backend not in ORT_BACKENDS:
             return f"backend = {backend}"
-        reason = config_reason(info)
-        if reason is not None:
-            return reason
-        missing = missing_packages()
-        if missing:
-            return f"{', '.join(missing)} not installed (pip install 'transformers-fastpath[onnx]')"
-        if plan.get("device") not in ("cpu", "keep") and plan.hardware.device != "cpu":
-            return "onnxruntime serves CPU models here; this model runs on the GPU"
-        if plan.get("dtype") not in ("float32", "keep"):
-            return f"dtype is {plan.get('dtype')}: the ONNX Runtime export is float32"
-        return None
+        return config_reason(info) or missing_reason()
 
     def apply(self, model: nn.Module, plan: Plan) -> None:
         import torch
