@@ -13,8 +13,24 @@ import torch
 
 import transformers_fastpath as fp
 from transformers_fastpath.passes.fused_encoder import runtime_of
+from transformers_fastpath.passes.instance_methods import LAYERS_ATTR, REPLICATE_ATTR, get_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _assert_layers_came_along(model: torch.nn.Module, copy: torch.nn.Module) -> None:
+    """Every method layer of ``model`` is on ``copy`` too, its dispatcher bound to the copy (a pickled
+    bound method used to come back as the class's own method: outputs right, every layer gone)."""
+    stacks = vars(model)[LAYERS_ATTR]
+    assert set(vars(copy)[LAYERS_ATTR]) == set(stacks)
+    for method, stack in stacks.items():
+        bound = vars(copy)[method]
+        assert bound.__self__ is copy and bound.__func__ is vars(model)[method].__func__, (method, bound)
+        for owner, _ in stack.layers:
+            assert get_layer(copy, method, owner) is not None, (method, owner)
+    if REPLICATE_ATTR in vars(model):  # the DataParallel fix comes along too, bound to the copy
+        fix = vars(copy)[REPLICATE_ATTR]
+        assert fix.__self__ is copy and fix.__func__ is vars(model)[REPLICATE_ATTR].__func__
 
 
 def _round_trip(model: torch.nn.Module, how: str) -> torch.nn.Module:
@@ -35,6 +51,7 @@ def test_fastpath_encoder_round_trips_whole(tiny_model_factory, tmp_path: Path, 
     copy = _round_trip(model, how)
     plan = fp.plan_of(copy)
     assert plan is not None and plan.pass_status("fused_encoder").status == "applied"
+    _assert_layers_came_along(model, copy)
     lengths = torch.tensor([9, 3, 6, 1])
     mask = (torch.arange(9)[None, :] < lengths[:, None]).long()
     ids = torch.randint(1000, 2000, mask.shape, generator=torch.Generator().manual_seed(0)).masked_fill(mask == 0, 0)
@@ -57,6 +74,8 @@ def test_fastpath_decoder_round_trips_whole(tiny_model_factory, how: str) -> Non
     model = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama", "causal"), fastpath=True)
     copy = _round_trip(model, how)
     assert fp.plan_of(copy).pass_status("sdpa_backends").status == "applied"
+    _assert_layers_came_along(model, copy)
+    assert set(vars(copy)[LAYERS_ATTR]) >= {"forward", "generate"}
     ids = torch.randint(1000, 2000, (2, 7), generator=torch.Generator().manual_seed(1))
     kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(copy.generate(ids, **kwargs), model.generate(ids, **kwargs))

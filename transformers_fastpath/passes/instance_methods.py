@@ -14,8 +14,9 @@ last layer deletes it again, or puts back an instance attribute that was there b
 accelerate hook). Layers of several passes stack: the one added last runs outermost, and any
 layer can be removed in any order.
 
-The dispatcher is bound with :class:`types.MethodType`, and the layers live in a dict on the
-model, so ``copy.deepcopy(model)`` gives a copy whose overrides call the copy, not the original.
+The dispatcher is bound like a method (:class:`_Bound`), and the layers live in a dict on the
+model, so ``copy.deepcopy(model)`` and ``pickle`` give a copy whose overrides call the copy, not
+the original.
 ``torch.nn.DataParallel`` copies a module's ``__dict__`` shallowly into each GPU's replica (as
 the Trainer does on a machine with several GPUs and no torchrun), which would leave each
 replica's override bound to the original on GPU 0. :func:`fix_data_parallel_replicas` lets
@@ -31,7 +32,6 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
-import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,7 +76,7 @@ def add_layer(model: Any, method: str, owner: str, around: Around) -> None:
     stack = stacks.get(method)
     if stack is None:
         previous = model.__dict__.get(method, _MISSING)
-        dispatcher = types.MethodType(_dispatcher_for(type(model), method), model)
+        dispatcher = _Bound(_dispatcher_for(type(model), method), model, type(model), method)
         stack = stacks[method] = _Stack(previous, dispatcher)
         model.__dict__[method] = dispatcher
         fix_data_parallel_replicas(model, "method_layers", _rebind_layers)
@@ -136,7 +136,7 @@ def fix_data_parallel_replicas(module: Any, owner: str, fix: Callable[[Any, Any]
         return
     module.__dict__.setdefault(FIXES_ATTR, {})[owner] = fix
     if REPLICATE_ATTR not in module.__dict__:
-        module.__dict__[REPLICATE_ATTR] = types.MethodType(_replicate_fixed, module)
+        module.__dict__[REPLICATE_ATTR] = _Bound(_replicate_fixed, module, type(module), REPLICATE_ATTR)
 
 
 def unfix_data_parallel_replicas(module: Any, owner: str) -> None:
@@ -159,9 +159,50 @@ def _replicate_fixed(self: Any) -> Any:
     return replica
 
 
-# A pickled bound method is looked up again by this name when the model is unpickled; it then
-# finds torch's own method (the fixes do not survive pickling, like the layers' dispatchers).
-_replicate_fixed.__name__ = REPLICATE_ATTR
+
+class _Bound:
+    """A dispatcher bound to its model, like a bound method, except that it pickles.
+
+    pickle rebuilds a bound method as ``getattr(model, name)`` before the unpickled model's
+    ``__dict__`` is filled, which finds the class's own method: a pickled or ``torch.save``d model
+    lost every layer (outputs right, every pass silently gone). This one is rebuilt by
+    :func:`_rebind` around the unpickled model (a layer dispatcher is made again for its class and
+    method; a module-level function, such as the DataParallel fix, is pickled by reference);
+    ``copy.deepcopy`` takes the same path and binds the copy. A plain class (no ``__slots__``) that
+    dynamo inlines like a method.
+    """
+
+    def __init__(self, func: Callable[..., Any], owner: Any, cls: type, method: str) -> None:
+        self.__func__ = func
+        self.__self__ = owner
+        self._cls = cls
+        self._method = method
+
+    @property
+    def __signature__(self) -> inspect.Signature | None:
+        """The original method's parameters, ``self`` left out (what ``inspect.signature`` shows)."""
+        return _signature_without_self(self._cls, self._method)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        dispatcher = self.__func__ is _dispatcher_for(self._cls, self._method)
+        return _rebind, (self.__self__, self._cls, self._method, None if dispatcher else self.__func__)
+
+    def __repr__(self) -> str:
+        return f"<fastpath dispatcher of {self._cls.__name__}.{self._method} of {type(self.__self__).__name__}>"
+
+
+def _rebind(owner: Any, cls: type, method: str, func: Callable[..., Any] | None) -> _Bound:
+    return _Bound(func or _dispatcher_for(cls, method), owner, cls, method)
+
+
+def _signature_without_self(cls: type, method: str) -> inspect.Signature | None:
+    signature = method_signature(cls, method)
+    if signature is None:
+        return None
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
 
 
 class _WeaklyBound:
@@ -188,10 +229,7 @@ class _WeaklyBound:
     @property
     def __signature__(self) -> inspect.Signature | None:
         """The original method's parameters, ``self`` left out (what ``inspect.signature`` shows)."""
-        signature = method_signature(self._cls, self._method)
-        if signature is None:
-            return None
-        return signature.replace(parameters=list(signature.parameters.values())[1:])
+        return _signature_without_self(self._cls, self._method)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         owner = self._ref()
@@ -210,7 +248,7 @@ def get_layer(model: Any, method: str, owner: str) -> Around | None:
 
 
 def _is_ours(value: Any, stack: _Stack) -> bool:
-    return (isinstance(value, (types.MethodType, _WeaklyBound)) and value.__func__ is stack.dispatcher.__func__
+    return (isinstance(value, (_Bound, _WeaklyBound)) and value.__func__ is stack.dispatcher.__func__
             and value.__self__ is stack.dispatcher.__self__)
 
 
