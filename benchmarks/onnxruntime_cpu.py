@@ -104,8 +104,11 @@ def main() -> None:
         "one-per-call": {**{k: (lambda p=p: [p(t) for t in texts[:64]]) for k, p in pipes.items()},
                          "ort-peer": lambda: [peer([t]) for t in texts[:64]]},
     }
-    forward_batches = {"1x16": (1, 16, 1.0), "8x64 full": (8, 64, 1.0), "32x128 full": (32, 128, 1.0),
-                       "8x128 25% real": (8, 128, 0.25)}
+    # fill: the real-token fraction of every row but the first (which is full)
+    forward_batches = {"1x16": (1, 16, 1.0), "2x32 full": (2, 32, 1.0), "8x64 full": (8, 64, 1.0),
+                       "16x64 full": (16, 64, 1.0), "32x128 full": (32, 128, 1.0),
+                       "8x64 rows 90% real": (8, 64, 0.9), "32x32 rows 90% real": (32, 32, 0.9),
+                       "8x128 rows 25% real": (8, 128, 0.25)}
     models = {name: p.model for name, p in pipes.items()}
     for label, (rows, length, fill) in forward_batches.items():
         ids = torch.randint(1000, 20000, (rows, length))

@@ -87,8 +87,8 @@ def assert_same(out, ref, mask) -> None:
 
 @pytest.fixture
 def every_batch_in_the_session(monkeypatch):
-    """Send padded batches to the session too (the route that must be right on padding)."""
-    monkeypatch.setattr(ort_runtime, "FULL_ENOUGH", 0.0)
+    """Send every batch to the session, whatever its size (padded ones are the route that must be right)."""
+    monkeypatch.setattr(ort_runtime, "SMALL_CALL_TOKENS", 1 << 30)
 
 
 # -- equality -----------------------------------------------------------------------------------
@@ -123,19 +123,19 @@ def test_task_heads_equal_the_unconverted_model(head, tmp_path, every_batch_in_t
     assert runtime_of(model).served == 2
 
 
-def test_padded_batches_go_to_torch_and_single_texts_to_the_session(tmp_path) -> None:
+def test_large_batches_go_to_torch_and_single_texts_and_small_batches_to_the_session(tmp_path) -> None:
     path = saved(tmp_path, "bert")
     plain = transformers.AutoModel.from_pretrained(path).eval()
     model = transformers.AutoModel.from_pretrained(path, fastpath=ORT)
     runtime = runtime_of(model)
-    padded, single = batch("right", rows=4), batch(rows=1)
+    large = batch("right", rows=8, length=40)  # 320 tokens > SMALL_CALL_TOKENS
+    small, single = batch("left", rows=4, length=12), batch(rows=1, length=60)
     with torch.no_grad():
-        assert_same(model(**padded), plain(**padded), padded["attention_mask"])
-        assert runtime.served == 0 and any("padded batch" in r for r in runtime.fallbacks)
+        assert_same(model(**large), plain(**large), large["attention_mask"])
+        assert runtime.served == 0 and runtime.fallbacks["a batch of 8x40 tokens: no faster in the session than in torch"] == 1
         assert_same(model(**single), plain(**single), single["attention_mask"])
         assert runtime.served == 1
-        full = {"input_ids": padded["input_ids"], "attention_mask": torch.ones_like(padded["input_ids"])}
-        assert_same(model(**full), plain(**full), full["attention_mask"])
+        assert_same(model(**small), plain(**small), small["attention_mask"])  # padded, but small: the session
         assert runtime.served == 2
 
 

@@ -119,8 +119,8 @@ _SETTINGS_LIST = [
             "auto: on wherever the model supports it."),
     Setting("backend", _choice(*BACKENDS), "auto",
             "What runs a CPU text encoder's inference forward. auto: onnxruntime where it applies (a float32 "
-            "encoder on the CPU, the [onnx] extra installed), else torch. onnxruntime: single texts and nearly "
-            "full batches in ONNX Runtime, padded batches in torch. onnxruntime-int8: the same with int8 weights "
+            "encoder on the CPU, the [onnx] extra installed), else torch. onnxruntime: single texts and small "
+            "batches in ONNX Runtime, larger batches in torch. onnxruntime-int8: the same with int8 weights "
             "(faster; changes outputs)."),
     Setting("quantization", _choice(*QUANTIZATION), "none",
             "Weight quantization. auto: none when the model fits the memory budget, else the least "
