@@ -575,13 +575,10 @@ def test_keep_mask_reading() -> None:
 # -- skips: a reason, never a wrong number ---------------------------------------------------
 
 @pytest.mark.parametrize(("model_type", "overrides", "needle"), [
-    ("bert", {"hidden_act": "gelu_new"}, "gelu_new"),
-    ("bert", {"hidden_act": "gelu_pytorch_tanh"}, "exact GELU"),
     ("bert", {"position_embedding_type": "relative_key"}, "relative_key"),
     ("bert", {"is_decoder": True}, "is_decoder"),
     ("bert", {"is_decoder": True, "add_cross_attention": True}, "is_decoder"),
-    ("distilbert", {"activation": "silu"}, "silu"),
-    ("vit", {"hidden_act": "quick_gelu"}, "quick_gelu"),
+    ("vit", {"hidden_act": "quick_gelu"}, "nothing to skip"),
 ])
 def test_unsupported_config_is_skipped(model_type: str, overrides: dict[str, Any], needle: str) -> None:
     vision = model_type in VISION_FAMILIES
@@ -596,6 +593,30 @@ def test_unsupported_config_is_skipped(model_type: str, overrides: dict[str, Any
     assert_state_equal(model, before)
 
 
+@pytest.mark.parametrize(("model_type", "overrides"), [
+    ("bert", {"hidden_act": "gelu_new"}),
+    ("bert", {"hidden_act": "gelu_pytorch_tanh"}),
+    ("distilbert", {"activation": "silu"}),
+])
+def test_activation_the_fused_op_lacks_runs_packed(model_type: str, overrides: dict[str, Any]) -> None:
+    """The fused op computes only exact GELU and ReLU; the packed route calls the layer's own
+    activation, so padded batches take it (whatever route is forced) and unpadded ones run the original."""
+    config = text_config(model_type, **overrides)
+    model = build(config, head="AutoModelForSequenceClassification")
+    fast = converted_copy(model)
+    runtime = runtime_of(fast)
+    for left in (False, True):
+        inputs = text_inputs(config, left=left)
+        for route in ROUTES:
+            runtime.route = route
+            torch.testing.assert_close(run(fast, inputs).logits, run(model, inputs).logits, atol=ATOL, rtol=0)
+    assert set(runtime.stats) == {"packed"}
+    runtime.stats.clear()
+    full = text_inputs(config, lengths=(6, 6))
+    torch.testing.assert_close(run(fast, full).logits, run(model, full).logits, atol=ATOL, rtol=0)
+    assert list(runtime.stats) == ["original: no padding to skip, and the fused op cannot compute the activation"]
+
+
 def test_unknown_architecture_and_plan_settings() -> None:
     from transformers import GPT2Config
 
@@ -606,6 +627,11 @@ def test_unknown_architecture_and_plan_settings() -> None:
     assert "flash" in p.supports(bert, StubPlan(attn_implementation="flash_attention_2"))
     assert "quantiz" in p.supports(bert, StubPlan(quantization="bnb-int8"))
     assert p.supports(StubInfo(None), PLAN)
+
+
+class _CustomActivation(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
 
 
 @pytest.mark.parametrize("change", ["eps", "linear-subclass", "extra-parameter", "activation"])
@@ -625,7 +651,7 @@ def test_module_level_skip_leaves_model_untouched(change: str) -> None:
     elif change == "extra-parameter":
         layer.adapter = nn.Linear(HIDDEN, HIDDEN)
     else:
-        layer.intermediate.intermediate_act_fn = nn.GELU(approximate="tanh")
+        layer.intermediate.intermediate_act_fn = _CustomActivation()  # neither torch's nor transformers' own
     before, types = snapshot(model), module_types(model)
     with pytest.raises(PassSkipped) as info:
         FusedEncoderPass().apply(model, PLAN)

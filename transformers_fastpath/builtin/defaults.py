@@ -110,6 +110,11 @@ def _resolve_batching(plan: PlanBuilder) -> None:
             plan.set("batch_size", "keep", reason="not a pipeline")
         elif task not in BATCHED_TASKS:
             plan.set("batch_size", "keep", reason=f"{task}: batching is left to the caller for this task")
+        elif getattr(plan.model.config, "feat_extract_norm", None) == "group":
+            # wav2vec2-base and the like group-normalize the waveform over time: zero padding from a
+            # shorter clip in the batch changes every output (transformers documents this).
+            plan.set("batch_size", "keep", reason="feat_extract_norm='group': padding changes this model's "
+                     "outputs, so clips run one at a time")
         elif plan.hardware.is_gpu:
             plan.set("batch_size", GPU_BATCH_SIZE, reason="auto: GPU pipelines are launch-bound at small batches")
         else:

@@ -6,7 +6,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ...errors import PassSkipped
-from .families import family_for, get_path
+from .families import family_for, get_path, layer_lists
 from .support import ATTENTION_IMPLEMENTATIONS, config_reason
 
 if TYPE_CHECKING:
@@ -114,13 +114,13 @@ class FusedEncoderPass:
             raise PassSkipped(reason or f"model type {model_type!r} has no fused-encoder layout")
 
         try:
-            layer_list = get_path(base, family.layers)
+            lists = layer_lists(base, family)
             encoder = get_path(base, family.encoder) if family.encoder is not None else None
         except AttributeError as exc:
             raise PassSkipped(f"{type(base).__name__} does not have the {family.name} layout ({exc})") from None
         from torch import nn
 
-        if not isinstance(layer_list, nn.ModuleList) or len(layer_list) == 0:
+        if not lists or not all(isinstance(layers, nn.ModuleList) and len(layers) for _, layers in lists):
             raise PassSkipped(f"{type(base).__name__}.{family.layers} is not a non-empty ModuleList")
         if encoder is not None and "forward" in vars(encoder):
             raise PassSkipped(f"{type(encoder).__name__} already has its forward replaced "
@@ -130,23 +130,25 @@ class FusedEncoderPass:
             if extra:
                 raise PassSkipped(f"{type(encoder).__name__} has parameters outside its layers: {', '.join(extra[:5])}")
 
-        prefix = family.layers
+        norm_first = family.norm_first(config)
         try:
-            parts = [resolve_layer(layer, family.layout, f"{prefix}.{i}", cache_qkv=self.cache_qkv)
-                     for i, layer in enumerate(layer_list)]
+            converted = [(layers, [resolve_layer(layer, family.layout, f"{path}.{i}", cache_qkv=self.cache_qkv,
+                                                 norm_first=norm_first)
+                                   for i, layer in enumerate(layers)])
+                         for path, layers in lists]
         except LayerRejected as exc:
             raise PassSkipped(str(exc)) from None
 
         get = getattr(plan, "get", None)
         strict = bool(get("strict", False)) if callable(get) else False
-        runtime = FusedRuntime(family, config, base, layer_list, parts, route=self.route, root=model,
+        runtime = FusedRuntime(family, config, base, converted, route=self.route, root=model,
                                strict=strict, pass_name=self.name)
         try:
             runtime.install(encoder)
         except Exception:
             remove_all(model)
             raise
-        logger.debug("fused_encoder: converted %d %s layers of %s", len(parts), family.name, type(model).__name__)
+        logger.debug("fused_encoder: converted %d %s layers of %s", len(runtime.parts), family.name, type(model).__name__)
 
     def revert(self, model: nn.Module) -> None:
         """Remove every converted forward and cache; idempotent, safe after a partial apply."""

@@ -29,12 +29,14 @@ SUPPORTED_DEVICES = ("cpu", "cuda")
 
 # Arguments transformers passes down that must be empty for an encoder-only forward.
 _MUST_BE_EMPTY = frozenset({
-    "encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values", "use_cache",
+    "encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values",
     "output_attentions", "output_hidden_states", "head_mask",
 })
 # Arguments the sdpa/eager attention of these layers never reads (``num_items_in_batch`` is a
-# loss-normalisation count that Trainer's evaluation passes down through the model).
-_IGNORED = frozenset({"position_ids", "return_dict", "num_items_in_batch"})
+# loss-normalisation count that Trainer's evaluation passes down through the model;
+# ``use_cache`` reaches encoder layers through ``**kwargs`` of seq2seq models, and no cache is
+# built without a decoder: configs with ``is_decoder`` are never converted).
+_IGNORED = frozenset({"position_ids", "return_dict", "num_items_in_batch", "use_cache"})
 
 
 def kwargs_reason(kwargs: Mapping[str, Any]) -> str | None:

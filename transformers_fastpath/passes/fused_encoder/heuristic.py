@@ -41,8 +41,10 @@ class Thresholds:
 
 THRESHOLDS: dict[str, Thresholds] = {
     # fill >= 1.01 never happens: on CPU every padded batch above 16 tokens goes packed.
+    # Unpadded on CPU (torch 2.13, 2 cores, 2026-12-07): dense 1.04-1.11x at 16-32 tokens, 0.92-1.04x
+    # at 64-128 and 0.95-0.96x at 197 (MiniLM, BERT-base); ViT-base 1x197 0.95x in the families bench.
     "cpu": Thresholds(small_tokens=16, dense_min_fill=1.01, padded_route="packed",
-                      full_dense_tokens=512, full_route=None),
+                      full_dense_tokens=128, full_route=None),
     "cuda": Thresholds(small_tokens=2048, dense_min_fill=0.9, padded_route="nested",
                        full_dense_tokens=1 << 62, full_route="dense"),
     "cuda-varlen": Thresholds(small_tokens=2048, dense_min_fill=1.01, padded_route="packed",

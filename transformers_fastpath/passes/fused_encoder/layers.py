@@ -76,6 +76,22 @@ def _activation_is_gelu(act: Any) -> bool | None:
     return None
 
 
+# Activation modules that are not elementwise (or not activations of a feed-forward at all).
+_NOT_ELEMENTWISE = frozenset({"GLU", "Softmax", "Softmax2d", "LogSoftmax", "Softmin", "MultiheadAttention",
+                              "GLUActivation"})
+
+
+def _elementwise_activation(act: Any) -> bool:
+    """An activation the packed route can call as it is: a parameter-free elementwise module of
+    torch or transformers (tanh-GELU, quick GELU, SiLU...)."""
+    cls = type(act)
+    if cls.__module__ not in ("transformers.activations", "torch.nn.modules.activation"):
+        return False
+    if cls.__name__ in _NOT_ELEMENTWISE or not isinstance(act, nn.Module):
+        return False
+    return not any(True for _ in act.parameters()) and not any(True for _ in act.buffers())
+
+
 def _plain_tensor(t: Any) -> bool:
     # Tensor subclasses (bitsandbytes Params4bit, torchao quantized tensors, DTensor...) do not
     # carry plain weights the fused op can read.
@@ -102,7 +118,7 @@ class LayerParts:
     ffn_in: nn.Linear
     ffn_out: nn.Linear
     activation: nn.Module
-    use_gelu: bool
+    use_gelu: bool | None  # None: not exact GELU or ReLU, so only the packed route (which calls it) runs
     norm_first: bool
     eps: float
     num_heads: int
@@ -111,6 +127,11 @@ class LayerParts:
     modules: tuple[nn.Module, ...]
     cache_qkv: bool = False
     _qkv_cache: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def fusable(self) -> bool:
+        """Whether ``torch._transformer_encoder_layer_fwd`` computes this layer's activation."""
+        return self.use_gelu is not None
 
     # -- checks at call time -------------------------------------------------------------
     def intact(self) -> bool:
@@ -172,6 +193,8 @@ class BoundLayer:
     def fused_args(self) -> FusedArgs:
         """Positional arguments 2..18 of ``torch._transformer_encoder_layer_fwd`` (after ``src``)."""
         p, w = self.parts, self.w
+        if p.use_gelu is None:
+            raise RuntimeError(f"{p.name}: the fused op cannot compute {type(p.activation).__name__}")
         qkv_w, qkv_b = p._packed_qkv(w)
         return (
             p.embed_dim, p.num_heads, qkv_w, qkv_b,
@@ -198,10 +221,12 @@ def _resolve(layer: nn.Module, path: str) -> tuple[Any, list[tuple[nn.Module, st
     return obj, steps
 
 
-def resolve_layer(layer: nn.Module, layout: LayerLayout, name: str, *, cache_qkv: bool = False) -> LayerParts:
-    """Check that ``layer`` is exactly what the fused op computes, and describe it.
+def resolve_layer(layer: nn.Module, layout: LayerLayout, name: str, *, cache_qkv: bool = False,
+                  norm_first: bool | None = None) -> LayerParts:
+    """Check that ``layer`` is exactly what the fused routes compute, and describe it.
 
-    Raises :class:`LayerRejected` with the reason when it is not.
+    ``norm_first`` overrides ``layout.norm_first`` (a config switch such as wav2vec2's
+    ``do_stable_layer_norm``). Raises :class:`LayerRejected` with the reason when it is not.
     """
     try:
         found = {key: _resolve(layer, getattr(layout, key))
@@ -225,8 +250,9 @@ def resolve_layer(layer: nn.Module, layout: LayerLayout, name: str, *, cache_qkv
         if type(mod) is not nn.LayerNorm or not mod.elementwise_affine or mod.bias is None:
             raise LayerRejected(f"{name}.{getattr(layout, key)} is not an affine nn.LayerNorm with bias")
     use_gelu = _activation_is_gelu(mods["activation"])
-    if use_gelu is None:
-        raise LayerRejected(f"{name}.{layout.activation} is {mods['activation']!r}; only exact GELU or ReLU can be fused")
+    if use_gelu is None and not _elementwise_activation(mods["activation"]):
+        raise LayerRejected(f"{name}.{layout.activation} is {mods['activation']!r}; only exact GELU or ReLU, or a "
+                            "parameter-free elementwise activation of torch or transformers, can be fused")
 
     n1, n2 = mods["norm1"], mods["norm2"]
     if n1.eps != n2.eps:
@@ -250,7 +276,7 @@ def resolve_layer(layer: nn.Module, layout: LayerLayout, name: str, *, cache_qkv
         if tuple(mods[norm_key].normalized_shape) != (embed,):
             raise LayerRejected(f"{name}.{getattr(layout, norm_key)} normalizes {tuple(mods[norm_key].normalized_shape)}, "
                                 f"not ({embed},)")
-    scaling = getattr(attention, "scaling", None)
+    scaling = getattr(attention, "scaling", getattr(attention, "scale", None))
     if scaling is not None and not math.isclose(float(scaling), (embed // heads) ** -0.5, rel_tol=1e-6):
         raise LayerRejected(f"{name}: attention scaling {scaling} is not 1/sqrt(head_dim)")
     if getattr(attention, "is_causal", False):
@@ -287,7 +313,8 @@ def resolve_layer(layer: nn.Module, layout: LayerLayout, name: str, *, cache_qkv
                                 "(an accelerate hook or another patch); it would be bypassed")
 
     return LayerParts(
-        name=name, layer=layer, **mods, use_gelu=use_gelu, norm_first=layout.norm_first, eps=float(n1.eps),
+        name=name, layer=layer, **mods, use_gelu=use_gelu,
+        norm_first=layout.norm_first if norm_first is None else norm_first, eps=float(n1.eps),
         num_heads=heads, embed_dim=embed,
         bindings=tuple(bindings.values()), modules=modules, cache_qkv=cache_qkv,
     )

@@ -3,7 +3,9 @@
 transformers 5 gives the encoder (and each layer) a 4D mask of shape ``(B, 1, Q, T)``:
 
 * sdpa: bool, True = attend (keep), or None when nothing is padded;
-* eager: float, 0 where attended and a very large negative value (``finfo.min``) at pads.
+* eager: float, 0 where attended and a very large negative value (``finfo.min``) at pads;
+  older encoders (MarkupLM...) still add -10000, which is as good as masking: ``exp(-10000)``
+  is 0 in every float dtype, so any value at or below -10000 counts as a pad.
 
 The fused routes only know "these key positions are padding". Anything that is not exactly
 that (a causal or otherwise query-dependent mask, head-specific masks, additive biases other
@@ -16,6 +18,8 @@ from __future__ import annotations
 import torch
 
 __all__ = ["MaskRejected", "keep_mask"]
+
+_MASKED = -10000.0  # an additive mask value at or below this hides the key (see above)
 
 
 class MaskRejected(Exception):
@@ -45,8 +49,7 @@ def keep_mask(mask: object, batch: int, length: int) -> torch.Tensor | None:
         # Additive: 0 = attend, a huge negative number (or -inf) = masked. Anything in between
         # is a bias the fused op cannot add.
         keep4 = mask == 0
-        very_negative = torch.finfo(mask.dtype).min / 2
-        if not bool((keep4 | (mask <= very_negative)).all()):
+        if not bool((keep4 | (mask <= _MASKED)).all()):
             raise MaskRejected("additive attention mask holds values other than 0 and -inf/finfo.min")
     else:
         raise MaskRejected(f"attention mask of dtype {mask.dtype}")

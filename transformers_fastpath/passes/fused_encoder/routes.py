@@ -12,7 +12,8 @@
     Real tokens are gathered once into a ``(N, E)`` matrix; linear layers, norms and the FFN
     run on it; only attention sees the padded layout (q/k/v scattered into a zeroed
     ``(B, T)`` buffer, ``scaled_dot_product_attention`` with the key mask, gathered back).
-    Works for any padding pattern. Pad positions come back as 0, except position 0 of a
+    Works for any padding pattern, and for any elementwise activation (it calls the layer's own
+    module where the fused op has no such activation). Pad positions come back as 0, except position 0 of a
     left-padded row: heads read that position (BERT's pooler, RoBERTa's and DistilBERT's
     classifiers), so it is computed as the unconverted model computes it, as a query that
     attends to its row's real tokens and is no key itself. Measured fastest on CPU,
@@ -31,7 +32,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from .layers import BoundLayer
+from .layers import BoundLayer, LayerParts
 
 __all__ = ["ROUTES", "Route", "run_dense", "run_nested", "run_packed", "run_route", "use_varlen"]
 
@@ -61,8 +62,10 @@ def run_nested(x: torch.Tensor, keep: torch.Tensor, layers: Sequence[BoundLayer]
     return h.to_padded_tensor(0.0, output_size=tuple(x.shape))
 
 
-def _activation(x: torch.Tensor, use_gelu: bool) -> torch.Tensor:
-    return F.gelu(x) if use_gelu else F.relu(x)
+def _activation(x: torch.Tensor, parts: LayerParts) -> torch.Tensor:
+    if parts.use_gelu is None:
+        return parts.activation(x)  # the layer's own module (tanh-GELU, quick GELU, SiLU...)
+    return F.gelu(x) if parts.use_gelu else F.relu(x)
 
 
 def _to_padded_heads(t: torch.Tensor, index: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
@@ -166,10 +169,10 @@ def run_packed(x: torch.Tensor, keep: torch.Tensor, layers: Sequence[BoundLayer]
         if p.norm_first:
             h = residual + att
             f_in = F.layer_norm(h, (embed,), n2w, n2b, p.eps)
-            h = h + F.linear(_activation(F.linear(f_in, f1w, f1b), p.use_gelu), f2w, f2b)
+            h = h + F.linear(_activation(F.linear(f_in, f1w, f1b), p), f2w, f2b)
         else:
             h = F.layer_norm(att + residual, (embed,), n1w, n1b, p.eps)
-            f = F.linear(_activation(F.linear(h, f1w, f1b), p.use_gelu), f2w, f2b)
+            f = F.linear(_activation(F.linear(h, f1w, f1b), p), f2w, f2b)
             h = F.layer_norm(f + h, (embed,), n2w, n2b, p.eps)
     out = h.new_zeros(batch * length, embed).index_copy_(0, index, h)
     return out.view(batch, length, embed)

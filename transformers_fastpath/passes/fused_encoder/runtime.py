@@ -7,7 +7,8 @@ module.forward``) brings the class's forward back. So module types, parameters, 
 state_dict keys never change, and ``save_pretrained`` writes canonical weights by construction.
 
 Where there is an encoder module (BERT family, DistilBERT) its forward is replaced, so a
-padded batch can be packed once for all layers. Otherwise (ViT, DeiT) each layer's forward is.
+padded batch can be packed once for all layers. Otherwise (ViT, wav2vec2, BART's encoder...)
+each layer's forward is, and a padded batch is packed and unpacked around each layer.
 
 Run-time failures: when the fused computation raises (a native-op error, NotImplementedError,
 out of memory, a bug of ours), the original forward runs on the same input. If it raises too,
@@ -65,14 +66,14 @@ class FusedRuntime:
         failed: why the conversion was undone at run time, or None.
     """
 
-    def __init__(self, family: Family, config: Any, owner: nn.Module, layer_list: nn.ModuleList,
-                 parts: Sequence[LayerParts], route: RouteChoice = "auto", *, root: nn.Module | None = None,
-                 strict: bool = False, pass_name: str = "fused_encoder") -> None:
+    def __init__(self, family: Family, config: Any, owner: nn.Module,
+                 layer_lists: Sequence[tuple[nn.ModuleList, Sequence[LayerParts]]], route: RouteChoice = "auto", *,
+                 root: nn.Module | None = None, strict: bool = False, pass_name: str = "fused_encoder") -> None:
         self.family = family
         self.config = config
         self.owner = owner
-        self.layer_list = layer_list
-        self.parts = tuple(parts)
+        self.layer_lists = tuple((layers, tuple(parts)) for layers, parts in layer_lists)
+        self.parts = tuple(p for _, parts in self.layer_lists for p in parts)
         self.route = route
         self.stats: Counter[str] = Counter()
         # A plain reference (no weakref): copy.deepcopy and pickle of the model map it to the copy.
@@ -98,10 +99,10 @@ class FusedRuntime:
         setattr(self.owner, RUNTIME_ATTR, self)
         fix_data_parallel_replicas(self.owner, PASS_OWNER, _unfused_replica)
         if encoder is not None:
-            _set_forward(encoder, FusedForward(self, encoder, self.parts, padding_free=True))
+            _set_forward(encoder, FusedForward(self, encoder, self.parts, whole_encoder=True))
         else:
             for parts in self.parts:
-                _set_forward(parts.layer, FusedForward(self, parts.layer, (parts,), padding_free=False))
+                _set_forward(parts.layer, FusedForward(self, parts.layer, (parts,), whole_encoder=False))
 
     def drop_caches(self) -> None:
         for parts in self.parts:
@@ -113,10 +114,12 @@ class FusedRuntime:
 
     # -- per call -----------------------------------------------------------------------
     def layers_intact(self) -> bool:
-        layers = self.layer_list
-        if len(layers) != len(self.parts):
-            return False
-        return all(layers[i] is p.layer and p.intact() for i, p in enumerate(self.parts))
+        for layers, parts in self.layer_lists:
+            if len(layers) != len(parts):
+                return False
+            if not all(layers[i] is p.layer and p.intact() for i, p in enumerate(parts)):
+                return False
+        return True
 
     def fail(self, exc: BaseException) -> None:
         """The fused route raised where the original forward did not: undo the conversion on the
@@ -169,7 +172,8 @@ def _unfused_replica(original: nn.Module, replica: nn.Module) -> None:
 
 
 class FusedForward:
-    """The forward installed on one encoder (or one layer); falls back to the class's forward.
+    """The forward installed on one encoder (``whole_encoder``: all layers in one call, a padded
+    batch packed once) or on one layer; falls back to the class's forward.
 
     Plain attributes only (no bound methods), so ``copy.deepcopy`` and pickling of the model
     carry a working conversion over to the copy.
@@ -178,11 +182,11 @@ class FusedForward:
     __fastpath_fused_encoder__ = True
 
     def __init__(self, runtime: FusedRuntime, module: nn.Module, layers: Sequence[LayerParts], *,
-                 padding_free: bool) -> None:
+                 whole_encoder: bool) -> None:
         self.runtime = runtime
         self.module = module
         self.layers = tuple(layers)
-        self.padding_free = padding_free
+        self.whole_encoder = whole_encoder
         cls_forward = type(module).forward
         self.__name__ = getattr(cls_forward, "__name__", "forward")
         self.__doc__ = getattr(cls_forward, "__doc__", None)
@@ -193,6 +197,7 @@ class FusedForward:
             pass
         # Submodules whose hooks a fused route would skip (hooks on ``module`` itself still run).
         self.inner_modules = tuple(m for m in module.modules() if m is not module)
+        self.fusable = all(parts.fusable for parts in self.layers)
 
     def _params(self) -> Iterator[torch.Tensor]:
         # Read fresh from the modules: a Parameter may have been replaced since apply.
@@ -286,6 +291,8 @@ class FusedForward:
         except MaskRejected as exc:
             return _Fallback(str(exc))
 
+        if keep is None and not self.fusable:
+            return _Fallback("no padding to skip, and the fused op cannot compute the activation")
         route = self._route(hidden, keep)
         if route is None:
             return _Fallback("the original forward is faster for this shape")
@@ -309,19 +316,26 @@ class FusedForward:
             route = forced
         if route is None:
             return None
-        if keep is None or not self.padding_free:
+        if keep is None:
             return "dense"
-        if route == "nested" and not left_aligned:
-            return "packed"  # nested tensors are built from right-padded batches only
+        if route == "nested" and (not left_aligned or not self.whole_encoder):
+            return "packed"  # nested tensors are built from right-padded batches, once per encoder
+        if not self.fusable:
+            return "packed"  # the packed route calls the layer's own activation
         return route
 
     def _output(self, hidden: torch.Tensor) -> Any:
-        name = self.runtime.family.output_class if self.padding_free else None
-        if name is None:
+        family = self.runtime.family
+        if not self.whole_encoder:  # one layer: what the layer's own forward returns
+            if family.clamp_fp16 and hidden.dtype == torch.float16 and not bool(torch.isfinite(hidden).all()):
+                limit = torch.finfo(torch.float16).max - 1000  # what BART's encoder layer does
+                hidden = hidden.clamp(min=-limit, max=limit)
+            return (hidden,) if family.layer_returns == "tuple" else hidden
+        if family.output_class is None:
             return hidden
         from transformers import modeling_outputs
 
-        return getattr(modeling_outputs, name)(last_hidden_state=hidden)
+        return getattr(modeling_outputs, family.output_class)(last_hidden_state=hidden)
 
 
 def runtime_of(model: nn.Module) -> FusedRuntime | None:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .families import Family, family_for, supported_model_types
+from .families import UNSUPPORTED, Family, family_for, supported_model_types
 
 __all__ = ["ATTENTION_IMPLEMENTATIONS", "EXACT_ACTIVATIONS", "config_reason"]
 
-# The fused op computes exact (erf) GELU or ReLU; "gelu_new", "gelu_fast", "gelu_pytorch_tanh",
-# "quick_gelu"... are approximations that would drift (~4e-4 for tanh-GELU).
+# The fused op computes exact (erf) GELU or ReLU. Other activations ("gelu_new", "quick_gelu",
+# "silu"...) are left to the packed route, which calls the layer's own activation module, so
+# only padded batches gain from it.
 EXACT_ACTIVATIONS = ("gelu", "relu")
 
 # The masks the converted forward understands are the 4D masks transformers builds for these.
@@ -26,22 +27,25 @@ def config_reason(config: Any, family: Family | None = None) -> str | None:
     model_type = getattr(config, "model_type", None)
     family = family or family_for(model_type)
     if family is None:
+        if model_type in UNSUPPORTED:
+            return f"model type {model_type!r} has no fused-encoder layout: {UNSUPPORTED[model_type]}"
         return (f"model type {model_type!r} has no fused-encoder layout "
-                f"(supported: {', '.join(supported_model_types())})")
+                f"({len(supported_model_types())} model types have one: docs/fused-encoder.md#architectures)")
     if getattr(config, "is_decoder", False):
         return "config.is_decoder is true: causal self-attention is not an encoder layer"
     if getattr(config, "add_cross_attention", False):
         return "config.add_cross_attention is true: cross-attention layers cannot be fused"
-    if getattr(config, "is_encoder_decoder", False):
+    if getattr(config, "is_encoder_decoder", False) and not family.seq2seq_encoder:
         return "encoder-decoder models are not converted"
     position = getattr(config, "position_embedding_type", "absolute")
     if position not in (None, "absolute"):
         return (f"position_embedding_type={position!r}: relative position scores are not part of "
                 "the fused attention")
     act = getattr(config, family.activation_key, None)
-    if isinstance(act, str) and act not in EXACT_ACTIVATIONS:
+    if isinstance(act, str) and act not in EXACT_ACTIVATIONS and not family.padded_inputs:
         return (f"{family.activation_key}={act!r}: the fused op computes only exact GELU or ReLU "
-                f"({', '.join(EXACT_ACTIVATIONS)})")
+                f"({', '.join(EXACT_ACTIVATIONS)}), and {family.name} inputs are never padded, so the packed "
+                "route has nothing to skip")
     if act is not None and not isinstance(act, str):
         return f"{family.activation_key} is a callable ({act!r}); only 'gelu' or 'relu' can be fused"
     attn = getattr(config, "_attn_implementation", None)
