@@ -137,6 +137,42 @@ def test_packed_route_runs_varlen_flash_attention(tiny_model_factory, left: bool
     assert set(runtime_of(model).stats) == {"packed"}
 
 
+@flash_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_family_on_the_gpu(dtype: torch.dtype) -> None:
+    """Every family of tests/test_fused_encoder_families.py on the GPU, every route forced in turn:
+    real tokens equal the unconverted model in the same dtype (bf16: the packed route's attention is
+    flash varlen, layer by layer for layer-level conversions)."""
+    from test_fused_encoder_families import CASE_IMPLS, CASES, ROUTES, build, converted, forward, inputs_for
+
+    from transformers_fastpath.passes.fused_encoder import runtime_of
+
+    atol = 1e-4 if dtype == torch.float32 else 6e-2
+    worst: dict[str, float] = {}
+    for name, impl in CASE_IMPLS:
+        case = CASES[name]
+        model = build(case, impl).to("cuda", dtype)
+        fast = converted(model)
+        runtime = runtime_of(fast)
+        for left in ((False, True) if case.padded and case.kind != "audio" else (False,)):
+            inputs, pick = inputs_for(case, model, left)  # CPU masks: they index the CUDA outputs as well
+            inputs = {k: v.to("cuda", dtype) if v.is_floating_point() else v.to("cuda") for k, v in inputs.items()}
+            expected = pick(forward(model, inputs))
+            for route in ROUTES if case.padded else ("dense", "auto"):
+                runtime.route = route
+                runtime.stats.clear()
+                got = pick(forward(fast, inputs))
+                pairs = list(zip(got, expected)) if isinstance(expected, tuple) else [(got, expected)]
+                for a, b in pairs:
+                    if b is not None:
+                        err = float((a.float() - b.float()).abs().max())
+                        worst[name] = max(worst.get(name, 0.0), err)
+                        assert err <= atol, (name, impl, route, left, err)
+                assert runtime.stats and not [k for k in runtime.stats if k.startswith("original")], (
+                    name, impl, route, dict(runtime.stats))
+    print({k: f"{v:.1e}" for k, v in worst.items()})
+
+
 # -- the documented journeys, on a GPU ----------------------------------------------------------
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -16,7 +16,7 @@ unpacked around every layer instead of once.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 __all__ = ["FAMILIES", "UNSUPPORTED", "Family", "LayerLayout", "family_for", "get_path", "layer_lists",
            "supported_model_types"]
@@ -80,8 +80,6 @@ class Family:
             ``layout.norm_first`` says (wav2vec2's ``do_stable_layer_norm``).
         seq2seq_encoder: the layers are the encoder of an encoder-decoder model (BART, Whisper):
             only they are converted; the decoder is left as it is.
-        layer_returns: what the layer's own forward returns, for layer-level conversions:
-            the hidden states, or a tuple whose first item they are.
         clamp_fp16: the layer clamps non-finite float16 outputs to the float16 range (BART's
             encoder layers do); the converted layer does the same.
         padded_inputs: whether inputs can be padded at all (images are not): without padding
@@ -98,7 +96,6 @@ class Family:
     layout: LayerLayout
     norm_first_key: str | None = None
     seq2seq_encoder: bool = False
-    layer_returns: Literal["tensor", "tuple"] = "tensor"
     clamp_fp16: bool = False
     padded_inputs: bool = True
 
@@ -266,7 +263,6 @@ FAMILIES: tuple[Family, ...] = (
         output_class=None,
         activation_key="hidden_act",
         layout=_BERT_LAYOUT,
-        layer_returns="tuple",
     ),
     Family(
         # ALBERT shares one layer (per group) across the depth; AlbertTransformer projects the

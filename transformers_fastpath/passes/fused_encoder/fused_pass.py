@@ -12,6 +12,8 @@ from .support import ATTENTION_IMPLEMENTATIONS, config_reason
 if TYPE_CHECKING:
     from torch import nn
 
+    from .layers import LayerParts
+
     from ...planning.model_info import ModelInfo
     from ...planning.plan import Plan, PlanBuilder
     from .runtime import RouteChoice
@@ -139,10 +141,17 @@ class FusedEncoderPass:
         except LayerRejected as exc:
             raise PassSkipped(str(exc)) from None
 
+        returns_tuple = False
+        if encoder is None:
+            try:
+                returns_tuple = _layer_returns_tuple(converted[0][1][0], family.encoder_args)
+            except LayerRejected as exc:
+                raise PassSkipped(str(exc)) from None
+
         get = getattr(plan, "get", None)
         strict = bool(get("strict", False)) if callable(get) else False
         runtime = FusedRuntime(family, config, base, converted, route=self.route, root=model,
-                               strict=strict, pass_name=self.name)
+                               strict=strict, pass_name=self.name, layer_returns_tuple=returns_tuple)
         try:
             runtime.install(encoder)
         except Exception:
@@ -157,3 +166,40 @@ class FusedEncoderPass:
         removed = remove_all(model)
         if removed:
             logger.debug("fused_encoder: reverted %d forwards of %s", removed, type(model).__name__)
+
+
+def _layer_returns_tuple(parts: LayerParts, arg_names: tuple[str, ...]) -> bool:
+    """Whether a layer's own forward returns ``(hidden_states, ...)`` rather than the tensor.
+
+    transformers changed this between releases (wav2vec2's layers returned a tuple in 5.13, the
+    tensor in 5.25) and the loop reads ``layer(...)[0]`` in the first case, which on a tensor would
+    silently take the first sequence. So it is asked, not assumed: one call of the layer's class
+    forward on a single zero token, without grad, in eval mode (no dropout, no random numbers drawn).
+    Raises :class:`LayerRejected` when the answer is neither.
+    """
+    import torch
+
+    from .layers import LayerRejected
+
+    layer = parts.layer
+    weight = parts.q.weight
+    token = torch.zeros(1, 1, parts.embed_dim, dtype=weight.dtype, device=weight.device)
+    kwargs = {"attention_mask": None} if "attention_mask" in arg_names else {}
+    modes = [(m, m.training) for m in layer.modules()]
+    try:
+        for module, _ in modes:
+            module.training = False
+        with torch.no_grad():
+            out = type(layer).forward(layer, token, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - a layer we cannot call this way is not converted
+        raise LayerRejected(f"{parts.name}: calling the layer on one token to read what it returns failed "
+                            f"({type(exc).__name__}: {exc})") from None
+    finally:
+        for module, training in modes:
+            module.training = training
+    if isinstance(out, torch.Tensor) and out.shape == token.shape:
+        return False
+    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) and out[0].shape == token.shape:
+        return True
+    raise LayerRejected(f"{parts.name} returns {type(out).__name__}, neither the hidden states nor a tuple "
+                        "starting with them")

@@ -68,7 +68,8 @@ class FusedRuntime:
 
     def __init__(self, family: Family, config: Any, owner: nn.Module,
                  layer_lists: Sequence[tuple[nn.ModuleList, Sequence[LayerParts]]], route: RouteChoice = "auto", *,
-                 root: nn.Module | None = None, strict: bool = False, pass_name: str = "fused_encoder") -> None:
+                 root: nn.Module | None = None, strict: bool = False, pass_name: str = "fused_encoder",
+                 layer_returns_tuple: bool = False) -> None:
         self.family = family
         self.config = config
         self.owner = owner
@@ -80,6 +81,7 @@ class FusedRuntime:
         self.root = root
         self.strict = strict
         self.pass_name = pass_name
+        self.layer_returns_tuple = layer_returns_tuple  # layer-level: the layer's forward returns (hidden, ...)
         self.failed: str | None = None
 
     @property
@@ -330,7 +332,7 @@ class FusedForward:
             if family.clamp_fp16 and hidden.dtype == torch.float16 and not bool(torch.isfinite(hidden).all()):
                 limit = torch.finfo(torch.float16).max - 1000  # what BART's encoder layer does
                 hidden = hidden.clamp(min=-limit, max=limit)
-            return (hidden,) if family.layer_returns == "tuple" else hidden
+            return (hidden,) if self.runtime.layer_returns_tuple else hidden
         if family.output_class is None:
             return hidden
         from transformers import modeling_outputs
