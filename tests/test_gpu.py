@@ -147,11 +147,17 @@ def test_every_family_on_the_gpu(dtype: torch.dtype) -> None:
 
     from transformers_fastpath.passes.fused_encoder import runtime_of
 
-    atol = 1e-4 if dtype == torch.float32 else 6e-2
+    # fp32: the fused CUDA kernels reduce in another order; seq2seq cases compare the decoder output after it.
+    atol = 3e-4 if dtype == torch.float32 else 6e-2
     worst: dict[str, float] = {}
+    not_here = []
     for name, impl in CASE_IMPLS:
         case = CASES[name]
-        model = build(case, impl).to("cuda", dtype)
+        try:
+            model = build(case, impl).to("cuda", dtype)
+        except pytest.skip.Exception:  # an attention implementation this transformers lacks
+            not_here.append(f"{name}-{impl}")
+            continue
         fast = converted(model)
         runtime = runtime_of(fast)
         for left in ((False, True) if case.padded and case.kind != "audio" else (False,)):
@@ -170,7 +176,8 @@ def test_every_family_on_the_gpu(dtype: torch.dtype) -> None:
                         assert err <= atol, (name, impl, route, left, err)
                 assert runtime.stats and not [k for k in runtime.stats if k.startswith("original")], (
                     name, impl, route, dict(runtime.stats))
-    print({k: f"{v:.1e}" for k, v in worst.items()})
+    print("largest difference per family:", {k: f"{v:.1e}" for k, v in worst.items()}, "not built:", not_here)
+    assert len(not_here) < len(CASE_IMPLS) // 4
 
 
 # -- the documented journeys, on a GPU ----------------------------------------------------------
