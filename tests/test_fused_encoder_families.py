@@ -17,11 +17,16 @@ from typing import Any
 
 import pytest
 import torch
+from test_fused_encoder import assert_state_equal, module_types, no_overrides, snapshot
+from test_pipeline_parity import assert_same as assert_pipeline_outputs_same
 from torch import nn
 
 import transformers_fastpath as fp
 from transformers_fastpath.passes.fused_encoder import FusedEncoderPass, runtime_of
-from transformers_fastpath.passes.fused_encoder.families import UNSUPPORTED, supported_model_types
+from transformers_fastpath.passes.fused_encoder.families import (
+    UNSUPPORTED,
+    supported_model_types,
+)
 
 ATOL = 1e-5
 pytestmark = [
@@ -290,33 +295,23 @@ def test_fp16_clamp_of_seq2seq_layers_is_kept() -> None:
 
 # -- state, saving, training -----------------------------------------------------------------
 
-def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_revert_is_exact_and_saves_are_canonical(name: str, tmp_path: Path) -> None:
     from transformers import AutoModel
 
     case = CASES[name]
     model = build(case, "eager")
-    before = _snapshot(model)
-    types = [(n, type(m)) for n, m in model.named_modules()]
+    before, types = snapshot(model), module_types(model)
     fast = converted(model)
     inputs, _ = inputs_for(case, model, left=False)
     forward(fast, inputs)
     fast.save_pretrained(tmp_path)
-    reloaded = AutoModel.from_pretrained(tmp_path, attn_implementation="eager", fastpath=False)
-    saved = reloaded.state_dict()
-    assert list(saved) == list(before)
-    assert all(torch.equal(saved[k], v) for k, v in before.items())
+    assert_state_equal(AutoModel.from_pretrained(tmp_path, attn_implementation="eager", fastpath=False), before)
 
     FusedEncoderPass().revert(fast)
     assert runtime_of(fast) is None
-    assert [(n, type(m)) for n, m in fast.named_modules()] == types
-    assert all("forward" not in vars(m) and "_fastpath_fused_encoder" not in vars(m) for m in fast.modules())
-    after = fast.state_dict()
-    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert module_types(fast) == types and no_overrides(fast)
+    assert_state_equal(fast, before)
     _, pick = inputs_for(case, model, left=False)
     assert_same(pick(forward(fast, inputs)), pick(forward(model, inputs)), f"{name} after revert")
 
@@ -344,25 +339,6 @@ def _saved(tmp_path: Path, model: nn.Module, *extras: Any) -> str:
     return str(tmp_path)
 
 
-def _assert_pipeline_outputs_equal(plain: Any, fast: Any) -> None:
-    import numpy as np
-
-    if isinstance(plain, dict):
-        assert list(plain) == list(fast)
-        for key in plain:
-            _assert_pipeline_outputs_equal(plain[key], fast[key])
-    elif isinstance(plain, (list, tuple)):
-        assert type(plain) is type(fast) and len(plain) == len(fast)
-        for a, b in zip(plain, fast):
-            _assert_pipeline_outputs_equal(a, b)
-    elif isinstance(plain, float):
-        assert isinstance(fast, float) and abs(plain - fast) <= 1e-4
-    elif isinstance(plain, np.ndarray):
-        np.testing.assert_allclose(fast, plain, atol=1e-4, rtol=0)
-    else:
-        assert plain == fast
-
-
 def test_pipelines_equal_plain(tmp_path: Path, tokenizer_dir: Path) -> None:
     """Three of the new families through the user entry point: a text model whose activation only
     the packed route computes (ALBERT), a seq2seq encoder (BART) and speech recognition (wav2vec2
@@ -372,7 +348,12 @@ def test_pipelines_equal_plain(tmp_path: Path, tokenizer_dir: Path) -> None:
 
     import numpy as np
     import transformers
-    from transformers import AutoTokenizer, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, pipeline
+    from transformers import (
+        AutoTokenizer,
+        Wav2Vec2CTCTokenizer,
+        Wav2Vec2FeatureExtractor,
+        pipeline,
+    )
 
     # No token_type_ids, as BART's own tokenizer (BART hands unknown inputs down to its layers).
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, model_input_names=["input_ids", "attention_mask"])
@@ -403,7 +384,7 @@ def test_pipelines_equal_plain(tmp_path: Path, tokenizer_dir: Path) -> None:
         plan = fp.plan_of(fast)
         status = plan.pass_status("fused_encoder") if plan is not None else None
         assert status is not None and status.status == "applied", (task, status)
-        _assert_pipeline_outputs_equal(plain(inputs), fast(inputs))
+        assert_pipeline_outputs_same(plain(inputs), fast(inputs), task)
         stats = runtime_of(fast.model).stats
         assert stats and not [k for k in stats if k.startswith("original")], (task, stats)
 
