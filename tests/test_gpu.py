@@ -221,3 +221,34 @@ def _made_by_apply(page: str, journey: dict) -> bool:
         block.append(line)
     name = re.escape(journey["name"])
     return re.search(rf"fp\.apply\({name}\b|\b{name}\s*=\s*fp\.apply\(", "\n".join(block)) is not None
+
+
+# -- batched pipeline processing on a GPU --------------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize(("task", "head"), [("feature-extraction", "base"), ("text-classification", "seq-cls")])
+def test_batched_processing_on_the_gpu(tiny_model_factory, task: str, head: str) -> None:
+    """Pinned copies and two batches in flight give what transformers' per-input path of the same
+    fastpath pipeline gives (same model, same sorted batches), for a list and for a generator."""
+    from transformers import pipeline
+
+    from transformers_fastpath.pipelines.batched import batched_processing_of
+
+    path = str(tiny_model_factory("bert", head))
+    texts = TEXTS * 9  # 333 texts: several calls of several batches
+    batched = pipeline(task, model=path, fastpath=True)
+    per_input = pipeline(task, model=path, fastpath={"defaults": {"batched_processing": False}})
+    assert batched.device.type == "cuda" and batched_processing_of(batched) is not None
+    assert batched_processing_of(per_input) is None
+    kwargs = {"top_k": None} if task == "text-classification" else {}
+    got, want = batched(texts, **kwargs), per_input(texts, **kwargs)
+    streamed = list(batched((t for t in texts), **kwargs))
+    assert batched_processing_of(batched).batches >= 2 * len(texts) // batched._batch_size
+    for result in (got, streamed):
+        assert len(result) == len(want)
+        for a, b in zip(result, want):
+            if task == "feature-extraction":
+                assert torch.equal(torch.tensor(a), torch.tensor(b))  # same batches, same kernels
+            else:
+                assert [x["label"] for x in a] == [x["label"] for x in b]
+                assert max(abs(x["score"] - y["score"]) for x, y in zip(a, b)) < 1e-6  # torch vs numpy softmax

@@ -202,7 +202,8 @@ def test_an_input_failing_inside_a_batch_is_isolated(classifier, monkeypatch) ->
     results = info.value.fastpath_results
     good = [i for i in range(len(TEXTS)) if i != poisoned]
     same([results[i] for i in good], off([TEXTS[i] for i in good]))
-    assert sum(1 for _, ok in calls if not ok) <= 4  # the failing batch, its half, its quarter, the input
+    # The failing call (several batches: batched processing), its batch, the batch's half, quarter, the input.
+    assert sum(1 for _, ok in calls if not ok) <= 5
 
 
 def test_several_bad_inputs_sorted_together_are_still_inputs_errors(classifier, monkeypatch) -> None:

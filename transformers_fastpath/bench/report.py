@@ -27,7 +27,9 @@ __all__ = ["CHART_COLORS", "chart_available", "device_slug", "draw_chart", "draw
 
 CHART_COLORS = {"default": "#9e9e9e", "expert": "#4a78b5", "compile": "#e0913b", "fastpath": "#3f9c5a"}
 _OTHER_COLOR = "#8c6bb1"
-METRIC_LABELS = {"ttft_ms": ("TTFT", "ms"), "decode_ms_per_token": ("decode/token", "ms")}
+METRIC_LABELS = {"ttft_ms": ("TTFT", "ms"), "decode_ms_per_token": ("decode/token", "ms"),
+                 "forward_s": ("in forward", "s"), "around_s": ("around it", "s"),
+                 "forward_share": ("forward share", "")}
 
 
 # -- files ------------------------------------------------------------------------------------------
@@ -131,6 +133,8 @@ def _metric(value: float | None, key: str) -> str:
     if value is None:
         return "-"
     unit = METRIC_LABELS.get(key, (key, ""))[1]
+    if unit == "s":
+        return _seconds(value)
     text = f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
     return f"{text} {unit}".strip()
 

@@ -12,7 +12,7 @@ import importlib.util
 from ..hookspecs import hookimpl
 from ..planning.hardware import device_kind
 from ..planning.plan import PlanBuilder
-from ..planning.tasks import BATCHED_TASKS, TEXT_TASKS
+from ..planning.tasks import BATCHED_PROCESSING_TASKS, BATCHED_TASKS, TEXT_TASKS
 
 CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 64
@@ -131,6 +131,17 @@ def _resolve_batching(plan: PlanBuilder) -> None:
         else:
             plan.set("length_bucketing", True,
                      reason="auto: list inputs sorted by length so each batch pads little; results keep your order")
+    if plan.is_auto("batched_processing"):
+        batch = plan.get("batch_size")
+        if task is None:
+            plan.set("batched_processing", False, reason="not a pipeline")
+        elif task not in BATCHED_PROCESSING_TASKS:
+            plan.set("batched_processing", False, reason=f"{task}: transformers' per-input processing")
+        elif not isinstance(batch, int) or batch <= 1:
+            plan.set("batched_processing", False, reason="batch size is not > 1")
+        else:
+            plan.set("batched_processing", True, reason="auto: each batch tokenized, copied and post-processed "
+                     "at once, host work overlapping the device")
 
 
 def _installed(module: str) -> bool:

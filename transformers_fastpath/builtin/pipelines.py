@@ -1,12 +1,15 @@
-"""Built-in plugin: pipeline-level steps (device, dtype, batch size, output shapes, resilience, length-sorted
-batching)."""
+"""Built-in plugin: pipeline-level steps (device, dtype, batch size, output shapes, batched processing,
+resilience, length-sorted batching)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ..hookspecs import hookimpl
 from ..planning.plan import Plan
+
+logger = logging.getLogger(__name__)
 
 
 @hookimpl(tryfirst=True)
@@ -34,6 +37,12 @@ def fastpath_pipeline_created(plan: Plan, pipeline: Any) -> None:
         from ..pipelines.outputs import enable_own_tokens
 
         enable_own_tokens(pipeline)  # each input's own tokens at any batch size, as a batch-1 call gives
+    if plan.get("batched_processing") is True:
+        from ..pipelines.batched import enable_batched_processing
+
+        declined = enable_batched_processing(pipeline, sort_windows=plan.get("length_bucketing") is True)
+        if declined is not None:
+            logger.debug("fastpath: batched processing stays off: %s", declined)
     input_errors = plan.get("input_errors")
     enable_resilience(pipeline, input_errors if input_errors in ("raise", "return") else "raise")
     if plan.get("length_bucketing") is True:

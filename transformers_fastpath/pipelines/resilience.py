@@ -3,7 +3,9 @@
 ``enable_resilience(pipe)`` changes only ``pipe.__call__`` for *lists* (a subclass swap, as
 :mod:`transformers_fastpath.pipelines.batching` does; ``isinstance`` holds). The list is run in chunks of
 the batch size, each chunk one call of the pipeline's own ``__call__`` -- so batches are made
-of exactly the inputs transformers would put together, and a failure costs only its chunk.
+of exactly the inputs transformers would put together, and a failure costs only its chunk. With
+batched processing on (:mod:`transformers_fastpath.pipelines.batched`) a chunk is several batches,
+so that consecutive batches can overlap; a failing chunk is bisected the same way.
 
 Out of memory (``torch.OutOfMemoryError``, CUDA/MPS/XPU "out of memory" RuntimeErrors, a CPU
 allocator failure, ``MemoryError``): the chunk is split in halves and each half retried (with
@@ -34,7 +36,8 @@ input: fastpath's own errors, ``ImportError``, ``SyntaxError``, ``RecursionError
 raise (same type and message; any out-of-memory counts as the same) before a single input has
 completed -- a broken model, a bug -- unless one more input, the last of the list (with length
 sorting the shortest), then runs alone: it is raised as it was first raised, after at most
-three extra calls (the two halves of the first batch and that one input). Errors of pipeline
+three extra calls (the two halves of the first batch -- or, for a call of several batches, its first
+two batches -- and that one input). Errors of pipeline
 creation (a missing model directory, an unknown task) happen before any of this.
 
 Not changed: single inputs, generators, datasets, chats (a list of messages is one input), and
@@ -53,6 +56,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FastpathError, is_out_of_memory
+from .batched import batches_per_call
 from .batching import CALLER_INDICES, input_length, override_subclass
 
 __all__ = ["INPUT_ERRORS", "disable_resilience", "enable_resilience", "gather_shards", "resilience_of"]
@@ -165,9 +169,11 @@ class _Run:
         self.cap = self.batch_size
         self.good: list[int] = []
         self.canary_tried = False
+        self.wide: set[frozenset[int]] = set()  # failed groups of several batches
         self.calls = 0
         self.call_count = getattr(pipe, "call_count", None)
         self.chunked = _is_chunk_pipeline(pipe)  # one input may make several model batches (spans, labels)
+        self.per_call = batches_per_call(pipe)  # batched processing overlaps consecutive batches of one call
 
     def _batch_size(self, given: Any) -> int:
         size = given if given is not None else getattr(self.pipe, "_batch_size", None)
@@ -181,7 +187,7 @@ class _Run:
         try:
             cursor = 0
             while cursor < len(good):
-                chunk = good[cursor:cursor + self.cap]
+                chunk = good[cursor:cursor + self.cap * self.per_call]
                 cursor += len(chunk)
                 chunk = [i for i in chunk if self.results[i] is _PENDING]  # the canary may have run already
                 if chunk:
@@ -234,20 +240,25 @@ class _Run:
         if is_out_of_memory(error):
             self._out_of_memory(positions, batch_size, error)
             return
+        if len(positions) > batch_size:  # a call of several batches: not a reason to skip the canary's inputs
+            self.wide.add(frozenset(positions))
         if not suspect and not checked:
             self._check_general(positions, error)
         if len(positions) == 1:
             self._input_failed(positions[0], error)
             return
-        half = math.ceil(len(positions) / 2)
-        first, second = positions[:half], positions[half:]
+        if len(positions) > batch_size:  # a call of several batches (batched processing): each batch alone
+            parts = [positions[i:i + batch_size] for i in range(0, len(positions), batch_size)]
+        else:
+            half = math.ceil(len(positions) / 2)
+            parts = [positions[:half], positions[half:]]
         errors = []
-        for part in (first, second):  # both halves before going deeper: a general error shows at once
+        for part in parts:  # every part before going deeper: a general error shows at once
             part_error = self._attempt(part, batch_size)
             if part_error is not None and not is_out_of_memory(part_error):
                 self._check_general(part, part_error)
             errors.append(part_error)
-        for part, part_error in zip((first, second), errors):
+        for part, part_error in zip(parts, errors):
             if part_error is not None:
                 self._failed(part, batch_size, part_error, checked=True)
 
@@ -268,6 +279,9 @@ class _Run:
         _free_device_memory()
         if len(positions) == 1:
             parts, smaller = [positions], max(1, batch_size // 2)  # one input of several model batches
+        elif len(positions) > batch_size:  # a call of several batches (batched processing): one of them failed
+            smaller = max(1, batch_size // 2)  # each batch of the halved size alone, so halving goes on as below
+            parts = [positions[i:i + smaller] for i in range(0, len(positions), smaller)]
         else:
             half = math.ceil(len(positions) / 2)
             parts, smaller = [positions[:half], positions[half:]], max(1, min(batch_size, half))
@@ -304,7 +318,7 @@ class _Run:
         if self.canary_tried:
             return False
         self.canary_tried = True
-        tried = failing.union(*(group for group, _, _ in self.unexplained))
+        tried = failing.union(*(group for group, _, _ in self.unexplained if group not in self.wide))
         canary = next((i for i in reversed(self.good) if i not in tried and self.results[i] is _PENDING), None)
         return canary is not None and self._attempt([canary], 1) is None
 

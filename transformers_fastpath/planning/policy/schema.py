@@ -148,6 +148,10 @@ _SETTINGS_LIST = [
     Setting("length_bucketing", _auto_or_bool, "auto",
             "Sort list inputs of a pipeline by length so batches pad little; results come back in "
             "the caller's order. auto: on for text pipelines with batch size > 1."),
+    Setting("batched_processing", _auto_or_bool, "auto",
+            "Pipelines tokenize, copy and post-process whole batches (host work overlapping the GPU) "
+            "instead of one input at a time; results are the same. auto: on for the pipelines that have "
+            "it with batch size > 1."),
     Setting("strict", _bool, False,
             "Turn every skipped or failed optimization into an error instead of a logged skip."),
     Setting("verify", _bool, False,

@@ -1,0 +1,259 @@
+"""Pipelines that tokenize, run and post-process whole batches, host work overlapping the GPU.
+
+transformers' pipelines do everything around the model one input at a time: tokenize one text,
+collate, slice each output back into one ``ModelOutput`` per input, post-process each. On a GPU
+that machinery, not the model, takes most of a pipeline's time. With batched processing on, the
+pipeline's ``get_iterator`` (what ``__call__`` runs for lists, generators and datasets, after
+transformers has resolved every argument) is replaced for the tasks that have a
+:class:`~transformers_fastpath.pipelines.batched_tasks.Batcher`:
+
+* each batch is tokenized in one call of the fast tokenizer and padded as transformers pads;
+* on a GPU, inputs go over from pinned memory without blocking, the few output tensors the
+  results need come back the same way (one copy per batch), and batch ``k + 1`` is tokenized and
+  launched before batch ``k``'s results are made, so host work runs while the GPU computes;
+* results are made per batch (:meth:`Batcher.decode`), each exactly the structure the task's own
+  ``postprocess`` returns, and handed back in the caller's order.
+
+Lazy inputs (generators, datasets) stay lazy: they are read in windows that start at one input
+and double up to :data:`BATCHES_PER_CALL` batches, so the first result comes back after one
+input's work and memory stays bounded; inputs are sorted by length inside each window (when
+length sorting is on) and results come back in input order. A window's results are yielded when
+the whole window is done.
+
+What a batcher declines (another pipeline class, tokenizer arguments it does not reproduce,
+an input of another kind, batch size 1) runs transformers' own ``get_iterator``, unchanged.
+Errors propagate as they arise; for lists, the resilience layer above
+(:mod:`transformers_fastpath.pipelines.resilience`) splits and isolates as always, handing this
+layer :func:`batches_per_call` batches per call so consecutive batches can overlap.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Iterator, Sized
+from dataclasses import dataclass, field
+from typing import Any
+
+from .batched_tasks import Batcher, Encoded, batcher_for
+from .batching import override_subclass, sorted_order
+
+__all__ = ["BATCHES_PER_CALL", "BatchedState", "batched_processing_of", "batches_per_call",
+           "disable_batched_processing", "enable_batched_processing"]
+
+logger = logging.getLogger(__name__)
+
+BATCHES_PER_CALL = 8
+"""Batches one list call hands this layer (enough for the GPU to always have the next one queued)."""
+
+_MARKER = "_fastpath_batched_base"
+_STATE_ATTR = "_fastpath_batched"
+
+
+@dataclass
+class BatchedState:
+    """Per-pipeline settings and counters (shared by shallow copies, e.g. replicas)."""
+
+    sort_windows: bool = True
+    batches: int = 0  # batches run by this layer
+    declined: dict[str, int] = field(default_factory=dict)  # reason -> calls that went to transformers' path
+
+
+def enable_batched_processing(pipeline: Any, *, sort_windows: bool = True) -> str | None:
+    """Batch ``pipeline``'s pre- and post-processing (see module doc); idempotent.
+
+    Returns None when on, else why not (the pipeline is then left unchanged).
+    ``sort_windows``: sort lazy inputs by length inside each window.
+    """
+    if batcher_for(pipeline) is None:
+        task = getattr(pipeline, "task", None)
+        return f"{task}: no batched pre- and post-processing for {type(pipeline).__name__}"
+    state = batched_processing_of(pipeline)
+    if state is not None:
+        state.sort_windows = sort_windows
+        return None
+    object.__setattr__(pipeline, _STATE_ATTR, BatchedState(sort_windows))
+    pipeline.__class__ = override_subclass(type(pipeline), _MARKER, get_iterator=_batched_get_iterator)
+    return None
+
+
+def disable_batched_processing(pipeline: Any) -> None:
+    """Undo :func:`enable_batched_processing` (only when it is the outermost class swap)."""
+    base = type(pipeline).__dict__.get(_MARKER)
+    if base is not None:
+        pipeline.__class__ = base
+        vars(pipeline).pop(_STATE_ATTR, None)
+
+
+def batched_processing_of(pipeline: Any) -> BatchedState | None:
+    """The batched-processing state of ``pipeline``, or None when it is off."""
+    if getattr(type(pipeline), _MARKER, None) is None:
+        return None
+    return vars(pipeline).get(_STATE_ATTR)
+
+
+def batches_per_call(pipeline: Any) -> int:
+    """How many batches a list call should hand ``pipeline`` at once: :data:`BATCHES_PER_CALL` when
+    batched processing is on, else 1."""
+    return BATCHES_PER_CALL if batched_processing_of(pipeline) is not None else 1
+
+
+# -- the iterator ----------------------------------------------------------------------------
+
+def _batched_get_iterator(self: Any, inputs: Any, num_workers: int, batch_size: int, preprocess_params: dict[str, Any],
+                          forward_params: dict[str, Any], postprocess_params: dict[str, Any]) -> Any:
+    base = type(self)._fastpath_batched_base
+    state = batched_processing_of(self)
+    batcher = batcher_for(self)
+    reason = _declined(self, state, batcher, batch_size, preprocess_params, postprocess_params)
+    if reason is not None:
+        if state is not None:
+            if reason not in state.declined:
+                logger.debug("fastpath: %s runs transformers' per-input processing for this call: %s",
+                             type(self).__name__, reason)
+            state.declined[reason] = state.declined.get(reason, 0) + 1
+        return base.get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params,
+                                 postprocess_params)
+    assert state is not None and batcher is not None
+    run = _BatchedRun(self, base, batcher, state, batch_size, num_workers,
+                      (preprocess_params, forward_params, postprocess_params))
+    return _Results(run.results(inputs), len(inputs) if isinstance(inputs, Sized) else None)
+
+
+def _declined(pipe: Any, state: BatchedState | None, batcher: Batcher | None, batch_size: int,
+              preprocess_params: dict[str, Any], postprocess_params: dict[str, Any]) -> str | None:
+    if state is None or batcher is None:
+        return "not a pipeline class fastpath batches"
+    if not isinstance(batch_size, int) or batch_size <= 1:
+        return "batch size 1"
+    return batcher.unsupported(pipe, preprocess_params, postprocess_params)
+
+
+class _Results:
+    """The iterator handed back to ``Pipeline.__call__`` (``len()`` works when the input has one, as
+    for transformers' own iterator)."""
+
+    def __init__(self, results: Iterator[Any], length: int | None) -> None:
+        self._results = results
+        self._length = length
+
+    def __iter__(self) -> _Results:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._results)
+
+    def __len__(self) -> int:
+        if self._length is None:
+            raise TypeError("this pipeline's input has no length")
+        return self._length
+
+
+@dataclass
+class _Flight:
+    """One batch launched: its positions in the window, its encoding, and its outputs on the way to the host."""
+
+    positions: list[int]
+    encoded: Encoded
+    host: dict[str, Any]
+    copied: Any  # a CUDA event recorded after the copies, or None when they are done
+
+
+class _BatchedRun:
+    """One ``get_iterator`` call: windows of the input, batches of each window, in flight two at a time."""
+
+    def __init__(self, pipe: Any, base: type, batcher: Batcher, state: BatchedState, batch_size: int,
+                 num_workers: int, params: tuple[dict[str, Any], dict[str, Any], dict[str, Any]]) -> None:
+        self.pipe = pipe
+        self.base = base
+        self.batcher = batcher
+        self.state = state
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.preprocess_params, self.forward_params, self.postprocess_params = params
+
+    def results(self, inputs: Any) -> Iterator[Any]:
+        for window in self._windows(inputs):
+            if all(self.batcher.accepts(item) for item in window):
+                yield from self._run_window(window)
+            else:  # another kind of input among them: transformers' path, which raises or copes as it does
+                yield from self.base.get_iterator(self.pipe, window, self.num_workers, self.batch_size,
+                                                  self.preprocess_params, self.forward_params,
+                                                  self.postprocess_params)
+
+    def _windows(self, inputs: Any) -> Iterator[list[Any]]:
+        if isinstance(inputs, (list, tuple)):
+            yield list(inputs)  # in memory already (a list call: resilience hands a few batches at a time)
+            return
+        items: Iterable[Any] = inputs
+        if isinstance(inputs, Sized) and hasattr(inputs, "__getitem__"):  # a torch Dataset (e.g. KeyDataset)
+            items = (inputs[i] for i in range(len(inputs)))
+        iterator = iter(items)
+        size, largest = 1, self.batch_size * BATCHES_PER_CALL
+        while window := list(itertools.islice(iterator, size)):
+            yield window
+            size = min(size * 2, largest)
+
+    def _run_window(self, window: list[Any]) -> Iterator[Any]:
+        order = (sorted_order(window) if self.state.sort_windows else None) or list(range(len(window)))
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        results: list[Any] = [None] * len(window)
+        pending: _Flight | None = None
+        for positions in batches:
+            flight = self._launch(window, positions)  # queued on the GPU before the previous batch is read
+            if pending is not None:
+                self._finish(pending, results)
+            pending = flight
+        if pending is not None:
+            self._finish(pending, results)
+        yield from results
+
+    def _launch(self, window: list[Any], positions: list[int]) -> _Flight:
+        pipe = self.pipe
+        encoded = self.batcher.encode(pipe, [window[p] for p in positions], self.preprocess_params)
+        with pipe.device_placement(), pipe.get_inference_context()():
+            model_inputs = _to_device(encoded.inputs, pipe.device)
+            outputs = pipe._forward(model_inputs, **self.forward_params)
+            selected = self.batcher.select(pipe, outputs, encoded, self.postprocess_params)
+            host, copied = _to_host(selected)
+        self.state.batches += 1
+        return _Flight(positions, encoded, host, copied)
+
+    def _finish(self, flight: _Flight, results: list[Any]) -> None:
+        if flight.copied is not None:
+            flight.copied.synchronize()
+        decoded = self.batcher.decode(self.pipe, flight.host, flight.encoded, self.postprocess_params)
+        for position, result in zip(flight.positions, decoded):
+            results[position] = result
+
+
+def _to_device(inputs: dict[str, Any], device: Any) -> dict[str, Any]:
+    """Model inputs on ``device``; to a GPU from pinned memory, without blocking the host."""
+    if getattr(device, "type", None) != "cuda":
+        return {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) if hasattr(v, "pin_memory") else v
+            for k, v in inputs.items()}
+
+
+def _to_host(selected: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """``selected`` on the host, and the CUDA event that marks the copies done (None when they are)."""
+    import torch
+
+    host: dict[str, Any] = {}
+    on_gpu = False
+    for key, value in selected.items():
+        if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+            buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            buffer.copy_(value, non_blocking=True)
+            host[key] = buffer
+            on_gpu = True
+        elif isinstance(value, torch.Tensor):
+            host[key] = value.detach().cpu()
+        else:
+            host[key] = value
+    if not on_gpu:
+        return host, None
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+

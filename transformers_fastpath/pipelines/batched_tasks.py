@@ -1,0 +1,359 @@
+"""What each pipeline task does with a whole batch: encode it in one call, read its outputs in one go.
+
+A :class:`Batcher` stands in for a pipeline's per-input ``preprocess`` / ``postprocess`` (the
+runner in :mod:`transformers_fastpath.pipelines.batched` drives it):
+
+* :meth:`Batcher.encode` turns a batch of inputs into model inputs with one call of the fast
+  tokenizer (its batch encode runs in Rust) or the image processor, padded exactly as
+  transformers' collation pads: with the tokenizer's pad token, on its padding side;
+* :meth:`Batcher.select` picks, on the model's device, the few tensors the results are made of
+  (the first output; class scores after softmax; the top-k tokens at each mask), so one small
+  device-to-host copy per batch is all that crosses;
+* :meth:`Batcher.decode` makes one result per input from those host tensors, each exactly what
+  the task's own ``postprocess`` returns for that input (types, nesting, keys, order).
+
+A batcher declines what it does not reproduce exactly (:meth:`Batcher.unsupported`,
+:meth:`Batcher.accepts`); those calls and inputs run transformers' own per-input path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["BATCHERS", "Batcher", "Encoded", "FeatureExtractionBatcher", "FillMaskBatcher",
+           "ImageClassificationBatcher", "TextBatcher", "TextClassificationBatcher", "batcher_for"]
+
+# Tokenizer arguments a batched tokenizer call reproduces per input: padding to the longest input
+# of the batch is what transformers' collation does anyway.
+_SAME_PER_INPUT = frozenset({"truncation", "max_length", "add_special_tokens"})
+_PADDING_LIKE_COLLATION = (True, False, "longest", "do_not_pad")
+
+
+@dataclass
+class Encoded:
+    """A batch ready for the model: its inputs (CPU tensors) and what decoding needs to know."""
+
+    inputs: dict[str, Any]
+    lengths: list[int]  # each input's own token count (what a batch-1 call would see)
+    padding_side: str = "right"
+
+
+class Batcher:
+    """The batched form of one task's ``preprocess`` / ``postprocess``; subclasses name the task."""
+
+    task: str = ""
+    pipeline_class: str = ""  # the name of transformers' pipeline class for the task (in transformers.pipelines)
+
+    def unsupported(self, pipe: Any, preprocess_params: Mapping[str, Any],
+                    postprocess_params: Mapping[str, Any]) -> str | None:
+        """Why this call cannot be batched here (None when it can)."""
+        raise NotImplementedError
+
+    def accepts(self, item: Any) -> bool:
+        """Whether one input is of the kind :meth:`encode` takes."""
+        raise NotImplementedError
+
+    def encode(self, pipe: Any, items: Sequence[Any], preprocess_params: Mapping[str, Any]) -> Encoded:
+        """The batch's model inputs on the host, padded as transformers' collation pads them."""
+        raise NotImplementedError
+
+    def select(self, pipe: Any, outputs: Any, encoded: Encoded, postprocess_params: Mapping[str, Any]) -> dict[str, Any]:
+        """The device tensors :meth:`decode` reads (copied to the host together)."""
+        raise NotImplementedError
+
+    def decode(self, pipe: Any, host: dict[str, Any], encoded: Encoded,
+               postprocess_params: Mapping[str, Any]) -> list[Any]:
+        """One result per input of the batch, in batch order."""
+        raise NotImplementedError
+
+
+class TextBatcher(Batcher):
+    """Texts through the fast tokenizer, one call per batch."""
+
+    def tokenizer_kwargs(self, preprocess_params: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The tokenizer arguments in ``preprocess_params`` (None: it holds other arguments too)."""
+        return dict(preprocess_params)
+
+    def unsupported(self, pipe: Any, preprocess_params: Mapping[str, Any],
+                    postprocess_params: Mapping[str, Any]) -> str | None:
+        tokenizer = getattr(pipe, "tokenizer", None)
+        if tokenizer is None or not getattr(tokenizer, "is_fast", False):
+            return "no fast tokenizer"
+        if tokenizer.pad_token_id is None:
+            return "the tokenizer has no pad token"
+        kwargs = self.tokenizer_kwargs(preprocess_params)
+        if kwargs is None:
+            return f"preprocess arguments {', '.join(sorted(preprocess_params))}"
+        extra = sorted(set(kwargs) - _SAME_PER_INPUT - {"padding"})
+        if extra:
+            return f"tokenizer arguments {', '.join(extra)}"
+        if kwargs.get("padding", True) not in _PADDING_LIKE_COLLATION:
+            return f"padding={kwargs['padding']!r}"
+        return None
+
+    def accepts(self, item: Any) -> bool:
+        return isinstance(item, str)
+
+    def encode(self, pipe: Any, items: Sequence[Any], preprocess_params: Mapping[str, Any]) -> Encoded:
+        params = {k: v for k, v in (self.tokenizer_kwargs(preprocess_params) or {}).items() if k != "padding"}
+        if all(isinstance(item, str) for item in items):
+            inputs = pipe.tokenizer(list(items), padding=True, return_tensors="pt", **params)
+        else:  # {"text", "text_pair"} (TextClassificationBatcher.accepts)
+            inputs = pipe.tokenizer(text=[item["text"] for item in items], text_pair=[item["text_pair"] for item in items],
+                                    padding=True, return_tensors="pt", **params)
+        mask = inputs.get("attention_mask")
+        ids = inputs["input_ids"]
+        lengths = mask.sum(-1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
+        return Encoded(dict(inputs), lengths, _padding_side(pipe))
+
+
+class FeatureExtractionBatcher(TextBatcher):
+    """``feature-extraction``: each input's hidden states on its own tokens (what a batch-1 call returns)."""
+
+    task = "feature-extraction"
+    pipeline_class = "FeatureExtractionPipeline"
+
+    def unsupported(self, pipe: Any, preprocess_params: Mapping[str, Any],
+                    postprocess_params: Mapping[str, Any]) -> str | None:
+        if set(postprocess_params) - {"return_tensors"}:
+            return f"postprocess arguments {', '.join(sorted(postprocess_params))}"
+        return super().unsupported(pipe, preprocess_params, postprocess_params)
+
+    def select(self, pipe: Any, outputs: Any, encoded: Encoded, postprocess_params: Mapping[str, Any]) -> dict[str, Any]:
+        return {"first": outputs[0]}  # the pipeline's own postprocess reads model_outputs[0]
+
+    def decode(self, pipe: Any, host: dict[str, Any], encoded: Encoded,
+               postprocess_params: Mapping[str, Any]) -> list[Any]:
+        first = host["first"]
+        per_token = first.ndim == 3 and tuple(first.shape[:2]) == tuple(encoded.inputs["input_ids"].shape)
+        width = first.shape[1] if first.ndim >= 2 else 0
+        results: list[Any] = []
+        for row, own in enumerate(encoded.lengths):
+            if per_token:  # the batch's padding off, on the side the tokenizer pads
+                start = width - own if encoded.padding_side == "left" else 0
+                value = first[row:row + 1, start:start + own]
+            else:
+                value = first[row:row + 1]
+            results.append(value.clone() if postprocess_params.get("return_tensors") else value.tolist())
+        return results
+
+
+class TextClassificationBatcher(TextBatcher):
+    """``text-classification``: class scores after the pipeline's function, labels from the config."""
+
+    task = "text-classification"
+    pipeline_class = "TextClassificationPipeline"
+
+    def accepts(self, item: Any) -> bool:
+        return isinstance(item, str) or (
+            isinstance(item, dict) and set(item) == {"text", "text_pair"}
+            and all(isinstance(v, str) for v in item.values()))
+
+    def select(self, pipe: Any, outputs: Any, encoded: Encoded, postprocess_params: Mapping[str, Any]) -> dict[str, Any]:
+        return {"scores": _class_scores(pipe, outputs["logits"], postprocess_params.get("function_to_apply"))}
+
+    def decode(self, pipe: Any, host: dict[str, Any], encoded: Encoded,
+               postprocess_params: Mapping[str, Any]) -> list[Any]:
+        id2label = pipe.model.config.id2label
+        top_k = postprocess_params.get("top_k", 1)
+        legacy = postprocess_params.get("_legacy", True)
+        results: list[Any] = []
+        for row in host["scores"].tolist():
+            if top_k == 1 and legacy:
+                best = max(range(len(row)), key=row.__getitem__)  # the first maximum, as argmax
+                results.append({"label": id2label[best], "score": row[best]})
+                continue
+            scored = [{"label": id2label[i], "score": score} for i, score in enumerate(row)]
+            if not legacy:
+                scored.sort(key=lambda x: x["score"], reverse=True)  # stable, as transformers' sort
+                if top_k is not None:
+                    scored = scored[:top_k]
+            results.append(scored)
+        return results
+
+
+class FillMaskBatcher(TextBatcher):
+    """``fill-mask``: the top-k tokens at each mask, found on the device (the vocabulary-wide
+    logits never cross), each proposal decoded as transformers decodes it."""
+
+    task = "fill-mask"
+    pipeline_class = "FillMaskPipeline"
+
+    def tokenizer_kwargs(self, preprocess_params: Mapping[str, Any]) -> dict[str, Any] | None:
+        if set(preprocess_params) - {"tokenizer_kwargs"}:
+            return None
+        return dict(preprocess_params.get("tokenizer_kwargs") or {})
+
+    def unsupported(self, pipe: Any, preprocess_params: Mapping[str, Any],
+                    postprocess_params: Mapping[str, Any]) -> str | None:
+        if getattr(getattr(pipe, "tokenizer", None), "mask_token_id", None) is None:
+            return "the tokenizer has no mask token"
+        return super().unsupported(pipe, preprocess_params, postprocess_params)
+
+    def encode(self, pipe: Any, items: Sequence[Any], preprocess_params: Mapping[str, Any]) -> Encoded:
+        encoded = super().encode(pipe, items, preprocess_params)
+        pipe.ensure_exactly_one_mask_token(encoded.inputs)  # transformers' own check and error, per row
+        return encoded
+
+    def select(self, pipe: Any, outputs: Any, encoded: Encoded, postprocess_params: Mapping[str, Any]) -> dict[str, Any]:
+        import torch
+
+        logits = outputs["logits"]
+        # (masks, 2): row and position of each mask, found on the host copy (no device sync)
+        where = torch.nonzero(encoded.inputs["input_ids"] == pipe.tokenizer.mask_token_id, as_tuple=False)
+        at = where.to(logits.device, non_blocking=True)
+        probs = logits[at[:, 0], at[:, 1]].softmax(dim=-1)  # in the model's dtype, as transformers does
+        target_ids = postprocess_params.get("target_ids")
+        if target_ids is not None:
+            probs = probs[..., torch.as_tensor(target_ids, device=probs.device)]
+        values, predictions = probs.topk(self._top_k(postprocess_params))
+        return {"values": values, "predictions": predictions, "where": where}
+
+    @staticmethod
+    def _top_k(postprocess_params: Mapping[str, Any]) -> int:
+        top_k = postprocess_params.get("top_k", 5)
+        target_ids = postprocess_params.get("target_ids")
+        return min(top_k, len(target_ids)) if target_ids is not None else top_k
+
+    def decode(self, pipe: Any, host: dict[str, Any], encoded: Encoded,
+               postprocess_params: Mapping[str, Any]) -> list[Any]:
+        import numpy as np
+
+        tokenizer = pipe.tokenizer
+        target_ids = postprocess_params.get("target_ids")
+        rows = host["where"][:, 0].tolist()
+        positions = host["where"][:, 1].tolist()
+        values, predictions = host["values"].tolist(), host["predictions"].tolist()
+        ids = encoded.inputs["input_ids"].numpy()
+        per_row: list[list[int]] = [[] for _ in range(ids.shape[0])]
+        for mask, row in enumerate(rows):
+            per_row[row].append(mask)
+        results: list[Any] = []
+        for row, masks in enumerate(per_row):
+            single_mask = len(masks) == 1
+            propositions = []
+            for mask in masks:
+                found = []
+                for score, token in zip(values[mask], predictions[mask]):
+                    if target_ids is not None:
+                        token = target_ids[token].tolist()
+                    tokens = ids[row].copy()
+                    tokens[positions[mask]] = token
+                    tokens = tokens[np.where(tokens != tokenizer.pad_token_id)]  # the batch's pads and any other
+                    found.append({"score": score, "token": token, "token_str": tokenizer.decode([token]),
+                                  "sequence": tokenizer.decode(tokens, skip_special_tokens=single_mask)})
+                propositions.append(found)
+            results.append(propositions[0] if single_mask else propositions)
+        return results
+
+
+class ImageClassificationBatcher(Batcher):
+    """``image-classification``: one image-processor call per batch, the top-k labels per image."""
+
+    task = "image-classification"
+    pipeline_class = "ImageClassificationPipeline"
+
+    def unsupported(self, pipe: Any, preprocess_params: Mapping[str, Any],
+                    postprocess_params: Mapping[str, Any]) -> str | None:
+        if getattr(pipe, "image_processor", None) is None:
+            return "no image processor"
+        if set(preprocess_params) - {"timeout"}:
+            return f"preprocess arguments {', '.join(sorted(preprocess_params))}"
+        return None
+
+    def accepts(self, item: Any) -> bool:
+        import numpy as np
+        import torch
+
+        try:
+            from PIL import Image
+        except ImportError:  # pragma: no cover - transformers' image pipelines need Pillow anyway
+            return False
+        return isinstance(item, (str, Image.Image, np.ndarray, torch.Tensor))
+
+    def encode(self, pipe: Any, items: Sequence[Any], preprocess_params: Mapping[str, Any]) -> Encoded:
+        import numpy as np
+        import torch
+        from transformers.image_utils import load_image
+
+        timeout = preprocess_params.get("timeout")
+        images = [item if isinstance(item, (np.ndarray, torch.Tensor)) else load_image(item, timeout=timeout)
+                  for item in items]
+        inputs = pipe.image_processor(images=images, return_tensors="pt").to(pipe.dtype)
+        return Encoded(dict(inputs), [1] * len(images))
+
+    def select(self, pipe: Any, outputs: Any, encoded: Encoded, postprocess_params: Mapping[str, Any]) -> dict[str, Any]:
+        return {"scores": _class_scores(pipe, outputs["logits"], postprocess_params.get("function_to_apply"))}
+
+    def decode(self, pipe: Any, host: dict[str, Any], encoded: Encoded,
+               postprocess_params: Mapping[str, Any]) -> list[Any]:
+        config = pipe.model.config
+        top_k = min(postprocess_params.get("top_k", 5), config.num_labels)
+        results: list[Any] = []
+        for row in host["scores"].tolist():
+            scored = [{"label": config.id2label[i], "score": score} for i, score in enumerate(row)]
+            scored.sort(key=lambda x: x["score"], reverse=True)
+            results.append(scored[:top_k])
+        return results
+
+
+def _class_scores(pipe: Any, logits: Any, given: Any) -> Any:
+    """Float32 scores after the function transformers' classification pipelines apply, with their
+    precedence: the caller's; else regression: none, multi-label or one label: sigmoid, else softmax."""
+    import torch
+
+    function = given
+    if function is None:
+        config = pipe.model.config
+        if config.problem_type == "regression":
+            function = "none"
+        elif config.problem_type == "multi_label_classification" or config.num_labels == 1:
+            function = "sigmoid"
+        elif config.problem_type == "single_label_classification" or config.num_labels > 1:
+            function = "softmax"
+        else:
+            function = getattr(config, "function_to_apply", None) or "none"
+    name = str(getattr(function, "value", function)).lower()  # a ClassificationFunction, or its value
+    logits = logits.float()
+    if name == "sigmoid":
+        return torch.sigmoid(logits)
+    if name == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if name == "none":
+        return logits
+    raise ValueError(f"Unrecognized function_to_apply argument: {function!r}; pass 'softmax', 'sigmoid' or "
+                     "'none' (transformers' classification pipelines raise ValueError for it too)")
+
+
+def _padding_side(pipe: Any) -> str:
+    """The side transformers' collation pads on (a feature extractor's side wins, as there)."""
+    extractor = getattr(pipe, "feature_extractor", None) or getattr(pipe, "image_processor", None)
+    side = getattr(extractor, "padding_side", None) or getattr(pipe.tokenizer, "padding_side", None)
+    return side or "right"
+
+
+BATCHERS: dict[str, Batcher] = {b.task: b for b in (FeatureExtractionBatcher(), TextClassificationBatcher(),
+                                                    FillMaskBatcher(), ImageClassificationBatcher())}
+BATCHERS["sentiment-analysis"] = BATCHERS["text-classification"]  # transformers' alias
+
+
+def batcher_for(pipe: Any) -> Batcher | None:
+    """The batcher of ``pipe``'s task, when its class is transformers' own for that task (a subclass
+    that overrides ``preprocess`` or ``postprocess`` keeps its own per-input path)."""
+    import transformers.pipelines
+
+    batcher = BATCHERS.get(getattr(pipe, "task", ""))
+    if batcher is None:
+        return None
+    expected = getattr(transformers.pipelines, batcher.pipeline_class, None)
+    return batcher if expected is not None and _transformers_class(type(pipe)) is expected else None
+
+
+def _transformers_class(cls: type) -> type:
+    """The first class of ``cls``'s MRO that is not one of fastpath's swaps (the pipeline's real class)."""
+    for klass in cls.__mro__:
+        if not any(name.startswith("_fastpath_") for name in vars(klass)):  # each swap keeps its base there
+            return klass
+    return cls
