@@ -110,6 +110,12 @@ def test_quick_reports_carry_the_workload_specific_numbers(quick_run: QuickRun) 
     for name in ("feature-extraction", "pipeline-text-classification"):
         assert "recompile" in reports[name]["omitted"]["compile"]
         assert reports[name]["config"]["fastpath_plan"]["applied"]
+        assert reports[name]["config"]["fastpath_plan"]["settings"]["batched_processing"] is True
+        for row in reports[name]["cases"][0]["variants"].values():  # time in the forward and around it
+            metrics = row["metrics"]
+            assert metrics["forward_s"] > 0 and metrics["around_s"] >= 0 and 0 < metrics["forward_share"] <= 1
+            assert metrics["forward_s"] + metrics["around_s"] == pytest.approx(
+                metrics["forward_s"] / metrics["forward_share"], rel=1e-6)
     if importlib.util.find_spec("matplotlib") is not None:
         for report in reports.values():
             png = out / bench.report_filename(report).replace(".json", ".png")

@@ -344,7 +344,11 @@ def headline_rows(reports: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             fast = case["variants"].get("fastpath")
             if not fast:
                 continue
-            label = report["workload"] + (f" ({case['case']})" if len(report["cases"]) > 1 else "")
+            options = report.get("options") or {}
+            # the case's size where the run set one (--set texts=...), and output forms that change the job
+            shown = [case["case"]] if len(report["cases"]) > 1 or options.get("texts") else []
+            shown += [f"{flag}=1" for flag in ("return_tensors",) if options.get(flag)]
+            label = report["workload"] + (f" ({', '.join(shown)})" if shown else "")
             rows.append({"label": label, "device": device, "workload": report["workload"], "case": case["case"],
                          "vs_default": fast.get("speedup_vs_default"), "vs_expert": fast.get("speedup_vs_expert")})
     return rows

@@ -2,7 +2,8 @@
 
 320 sentences on a GPU, 96 on a CPU, 8 with ``--quick`` (``--set texts=N``); most are short,
 a few long (:func:`~transformers_fastpath.bench.models.varied_sentences`). ``--model DIR``
-benchmarks another sentence-embedding checkpoint, ``--batch-size N`` sets the expert's batch size.
+benchmarks another sentence-embedding checkpoint, ``--batch-size N`` sets the expert's batch size,
+``--set return_tensors=1`` asks every variant for tensors instead of nested lists.
 Without the bundled model installed (``--tokenizer DIR`` given), the MiniLM shape with random
 weights stands in.
 """
@@ -25,8 +26,10 @@ def run(bench: Bench) -> None:
         checkpoint, what = minilm_checkpoint(tokenizer_path(bench.options))
         path = str(checkpoint)
     texts = varied_sentences(int(bench.pick("texts", gpu=320, cpu=96, quick=8)))
+    tensors = bool(bench.option("return_tensors"))  # --set return_tensors=1: tensors, no nested lists
     run_pipeline(bench, task="feature-extraction", path=path, what=what, texts=texts,
-                 expert_batch=int(bench.pick("batch_size", gpu=64, cpu=32, quick=4)))
+                 expert_batch=int(bench.pick("batch_size", gpu=64, cpu=32, quick=4)),
+                 call_kwargs={"return_tensors": True} if tensors else None)
 
 
 WORKLOAD = Workload(
