@@ -255,3 +255,72 @@ def test_image_classification_matches_the_plain_pipeline(image_classifier, monke
     pictures = images(37)
     assert_same(plain(pictures, **kwargs), fast(pictures, **kwargs))
     assert_same(plain(pictures[:5], **kwargs), list(fast(generator(pictures[:5]), **kwargs)))
+
+
+# -- token classification and zero-shot (transformers' chunk pipelines) ---------------------------
+
+@pytest.fixture(scope="module")
+def tagger(tiny_model_factory) -> tuple[Any, Any]:
+    return pair("token-classification", tiny_model_factory("bert", "token-cls"))
+
+
+@pytest.mark.parametrize("kwargs", [{"ignore_labels": []}, {"aggregation_strategy": "simple", "ignore_labels": []},
+                                    {"aggregation_strategy": "first"}, {"aggregation_strategy": "average"},
+                                    {"aggregation_strategy": "max", "ignore_labels": []}])
+def test_token_classification_matches_the_plain_pipeline(tagger, monkeypatch, kwargs: dict[str, Any]) -> None:
+    plain, fast = tagger
+    texts = [t.replace("word", "Wordsworth's", 2) for t in TEXTS]  # sub-words, punctuation, offsets
+    no_per_input_preprocess(monkeypatch, fast)
+    assert_same(plain(texts, **kwargs), fast(texts, **kwargs))
+
+
+def test_token_classification_with_a_stride_runs_transformers_path(tagger, monkeypatch) -> None:
+    plain, fast = tagger
+    for pipe in (plain, fast):
+        monkeypatch.setattr(pipe.tokenizer, "model_max_length", 64)  # within the tiny model's 128 positions
+    state = batched_processing_of(fast)
+    before = state.batches
+    long_texts = [" ".join(["word"] * 150)] * 2  # longer than model_max_length: chunks with a stride
+    kwargs = {"aggregation_strategy": "simple", "stride": 16, "ignore_labels": []}
+    assert_same(plain(long_texts, **kwargs), fast(long_texts, **kwargs))
+    assert state.batches == before
+
+
+@pytest.fixture(scope="module")
+def zero_shot(tiny_model_factory, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = tiny_model_factory("bert", "seq-cls")
+    path = tmp_path_factory.mktemp("nli")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=3, id2label={0: "contradiction", 1: "neutral", 2: "entailment"},
+        label2id={"contradiction": 0, "neutral": 1, "entailment": 2}, ignore_mismatched_sizes=True)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(source).save_pretrained(path)
+    return pair("zero-shot-classification", path)
+
+
+@pytest.mark.parametrize("kwargs", [{"candidate_labels": ["sports", "politics", "cooking"]},
+                                    {"candidate_labels": "sports, politics", "multi_label": True},
+                                    {"candidate_labels": ["weather"], "hypothesis_template": "It is about {}."}])
+def test_zero_shot_matches_the_plain_pipeline(zero_shot, monkeypatch, kwargs: dict[str, Any]) -> None:
+    plain, fast = zero_shot
+    no_per_input_preprocess(monkeypatch, fast)
+    assert_same(plain(list(TEXTS), **kwargs), fast(list(TEXTS), **kwargs))
+    assert_same(plain(TEXTS[:7], **kwargs), list(fast(generator(TEXTS[:7]), **kwargs)))
+
+
+def test_zero_shot_batches_hold_about_batch_size_rows(zero_shot, monkeypatch) -> None:
+    _, fast = zero_shot
+    rows: list[int] = []
+    inner = fast.model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        rows.append(kwargs["input_ids"].shape[0])
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(fast.model, "forward", forward)
+    labels = ["a", "b", "c", "d", "e"]
+    fast(list(TEXTS), candidate_labels=labels)
+    per_batch = fast._batch_size // len(labels) * len(labels)
+    assert rows[:-1] == [per_batch] * (len(rows) - 1) and sum(rows) == len(TEXTS) * len(labels)

@@ -255,3 +255,32 @@ def test_batched_processing_on_the_gpu(tiny_model_factory, task: str, head: str)
             else:
                 assert [x["label"] for x in a] == [x["label"] for x in b] or not exact
                 assert max(abs(x["score"] - y["score"]) for x, y in zip(a, b)) < (1e-6 if exact else 2e-2)
+
+
+@gpu
+def test_batched_chunk_pipelines_on_the_gpu(tiny_model_factory) -> None:
+    """Token classification and zero-shot (several rows per input, the pipeline's own postprocess per
+    input) on the GPU: what transformers' per-input path of the same fastpath pipeline gives."""
+    from transformers import pipeline
+
+    from transformers_fastpath.pipelines.batched import batched_processing_of
+
+    texts = TEXTS * 5
+    cases = [("token-classification", tiny_model_factory("bert", "token-cls"), {"aggregation_strategy": "simple"}),
+             ("zero-shot-classification", tiny_model_factory("bert", "seq-cls"),
+              {"candidate_labels": ["sports", "politics", "cooking"]})]
+    for task, path, kwargs in cases:
+        batched = pipeline(task, model=str(path), fastpath=True)
+        per_input = pipeline(task, model=str(path), fastpath={"defaults": {"batched_processing": False}})
+        assert batched.device.type == "cuda" and batched_processing_of(batched) is not None
+        got, want = batched(texts, **kwargs), per_input(texts, **kwargs)
+        assert batched_processing_of(batched).batches >= 1
+        if task == "token-classification":  # the same batches: the same entities, scores within rounding
+            assert [[(e["entity_group"], e["start"], e["end"]) for e in r] for r in got] == \
+                [[(e["entity_group"], e["start"], e["end"]) for e in r] for r in want]
+        else:  # other batches of (text, label) rows: bf16 rounding differs, the ranking can swap near ties
+            assert [r["sequence"] for r in got] == texts
+            for a, b in zip(got, want):
+                scores = dict(zip(b["labels"], b["scores"]))
+                assert sorted(a["labels"]) == sorted(b["labels"])
+                assert max(abs(s - scores[label]) for label, s in zip(a["labels"], a["scores"])) < 3e-2

@@ -196,7 +196,8 @@ class _BatchedRun:
 
     def _run_window(self, window: list[Any]) -> Iterator[Any]:
         order = (sorted_order(window) if self.state.sort_windows else None) or list(range(len(window)))
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        size = max(1, self.batch_size // self.batcher.rows(self.preprocess_params))  # inputs per model batch
+        batches = [order[i:i + size] for i in range(0, len(order), size)]
         results: list[Any] = [None] * len(window)
         pending: _Flight | None = None
         for positions in batches:
@@ -213,7 +214,7 @@ class _BatchedRun:
         encoded = self.batcher.encode(pipe, [window[p] for p in positions], self.preprocess_params)
         with pipe.device_placement(), pipe.get_inference_context()():
             model_inputs = _to_device(encoded.inputs, pipe.device)
-            outputs = pipe._forward(model_inputs, **self.forward_params)
+            outputs = self.batcher.forward(pipe, model_inputs, self.forward_params)
             selected = self.batcher.select(pipe, outputs, encoded, self.postprocess_params)
             host, copied = _to_host(selected)
         self.state.batches += 1

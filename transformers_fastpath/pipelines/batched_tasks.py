@@ -19,11 +19,12 @@ A batcher declines what it does not reproduce exactly (:meth:`Batcher.unsupporte
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["BATCHERS", "Batcher", "Encoded", "FeatureExtractionBatcher", "FillMaskBatcher",
-           "ImageClassificationBatcher", "TextBatcher", "TextClassificationBatcher", "batcher_for"]
+           "ImageClassificationBatcher", "TextBatcher", "TextClassificationBatcher", "TokenClassificationBatcher",
+           "ZeroShotClassificationBatcher", "batcher_for"]
 
 # Tokenizer arguments a batched tokenizer call reproduces per input: padding to the longest input
 # of the batch is what transformers' collation does anyway.
@@ -35,9 +36,10 @@ _PADDING_LIKE_COLLATION = (True, False, "longest", "do_not_pad")
 class Encoded:
     """A batch ready for the model: its inputs (CPU tensors) and what decoding needs to know."""
 
-    inputs: dict[str, Any]
+    inputs: dict[str, Any]  # what goes to the device
     lengths: list[int]  # each input's own token count (what a batch-1 call would see)
     padding_side: str = "right"
+    host: dict[str, Any] = field(default_factory=dict)  # what stays on the host for decode (offsets, inputs...)
 
 
 class Batcher:
@@ -55,9 +57,18 @@ class Batcher:
         """Whether one input is of the kind :meth:`encode` takes."""
         raise NotImplementedError
 
+    def rows(self, preprocess_params: Mapping[str, Any]) -> int:
+        """Model rows one input makes (zero-shot: one per candidate label); a batch holds about
+        ``batch_size`` rows, as transformers' batches do."""
+        return 1
+
     def encode(self, pipe: Any, items: Sequence[Any], preprocess_params: Mapping[str, Any]) -> Encoded:
         """The batch's model inputs on the host, padded as transformers' collation pads them."""
         raise NotImplementedError
+
+    def forward(self, pipe: Any, inputs: dict[str, Any], forward_params: Mapping[str, Any]) -> Any:
+        """The model's outputs for the batch (the pipeline's own ``_forward`` unless it needs per-input keys)."""
+        return pipe._forward(inputs, **forward_params)
 
     def select(self, pipe: Any, outputs: Any, encoded: Encoded, postprocess_params: Mapping[str, Any]) -> dict[str, Any]:
         """The device tensors :meth:`decode` reads (copied to the host together)."""
@@ -249,6 +260,106 @@ class FillMaskBatcher(TextBatcher):
         return results
 
 
+class TokenClassificationBatcher(TextBatcher):
+    """``token-classification`` (``ner``): one tokenizer call per batch with offsets and special-token
+    masks; each input's rows, cut to its own tokens, go through the pipeline's own ``postprocess``
+    (entities, aggregation strategies and ignored labels exactly as transformers makes them)."""
+
+    task = "token-classification"
+    pipeline_class = "TokenClassificationPipeline"
+
+    def tokenizer_kwargs(self, preprocess_params: Mapping[str, Any]) -> dict[str, Any] | None:
+        plain = (not preprocess_params.get("is_split_into_words") and not preprocess_params.get("tokenizer_params")
+                 and preprocess_params.get("offset_mapping") is None)  # no words, stride or given offsets
+        return {} if plain else None
+
+    def encode(self, pipe: Any, items: Sequence[Any], preprocess_params: Mapping[str, Any]) -> Encoded:
+        tokenizer = pipe.tokenizer
+        truncation = bool(tokenizer.model_max_length and tokenizer.model_max_length > 0)  # as its preprocess
+        batch = tokenizer(list(items), padding=True, truncation=truncation, return_special_tokens_mask=True,
+                          return_offsets_mapping=True, return_tensors="pt")
+        batch.pop("overflow_to_sample_mapping", None)
+        host = {k: batch.pop(k) for k in ("special_tokens_mask", "offset_mapping")}
+        mask = batch.get("attention_mask")
+        ids = batch["input_ids"]
+        lengths = mask.sum(-1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
+        return Encoded(dict(batch), lengths, _padding_side(pipe), {**host, "sentences": list(items)})
+
+    def forward(self, pipe: Any, inputs: dict[str, Any], forward_params: Mapping[str, Any]) -> Any:
+        return pipe.model(**inputs)
+
+    def select(self, pipe: Any, outputs: Any, encoded: Encoded, postprocess_params: Mapping[str, Any]) -> dict[str, Any]:
+        return {"logits": outputs["logits"] if isinstance(outputs, dict) else outputs[0]}
+
+    def decode(self, pipe: Any, host: dict[str, Any], encoded: Encoded,
+               postprocess_params: Mapping[str, Any]) -> list[Any]:
+        per_token = {"logits": host["logits"], "special_tokens_mask": encoded.host["special_tokens_mask"],
+                     "offset_mapping": encoded.host["offset_mapping"], **encoded.inputs}
+        width = encoded.inputs["input_ids"].shape[1]
+        results = []
+        for row, (own, sentence) in enumerate(zip(encoded.lengths, encoded.host["sentences"])):
+            start = width - own if encoded.padding_side == "left" else 0
+            chunk = {k: v[row:row + 1, start:start + own] for k, v in per_token.items()}  # a batch-1 call's chunk
+            chunk.update(sentence=sentence, is_last=True, word_ids=None, word_to_chars_map=None)
+            results.append(pipe.postprocess([chunk], **postprocess_params))
+        return results
+
+
+class ZeroShotClassificationBatcher(TextBatcher):
+    """``zero-shot-classification``: every (input, candidate label) pair of the batch in one
+    tokenizer call (the pipeline's own ``_parse_and_tokenize``); each input's rows go through the
+    pipeline's own ``postprocess`` (entailment softmax, ``multi_label``, label order)."""
+
+    task = "zero-shot-classification"
+    pipeline_class = "ZeroShotClassificationPipeline"
+
+    def tokenizer_kwargs(self, preprocess_params: Mapping[str, Any]) -> dict[str, Any] | None:
+        return {} if set(preprocess_params) <= {"candidate_labels", "hypothesis_template"} else None
+
+    def unsupported(self, pipe: Any, preprocess_params: Mapping[str, Any],
+                    postprocess_params: Mapping[str, Any]) -> str | None:
+        if not preprocess_params.get("candidate_labels"):
+            return "no candidate labels (transformers raises its own error)"
+        return super().unsupported(pipe, preprocess_params, postprocess_params)
+
+    def rows(self, preprocess_params: Mapping[str, Any]) -> int:
+        return len(preprocess_params["candidate_labels"])
+
+    def encode(self, pipe: Any, items: Sequence[Any], preprocess_params: Mapping[str, Any]) -> Encoded:
+        labels = preprocess_params["candidate_labels"]
+        template = preprocess_params.get("hypothesis_template", "This example is {}.")  # the preprocess default
+        pairs: list[Any] = []
+        for item in items:
+            item_pairs, _ = pipe._args_parser(item, labels, template)  # transformers' checks and errors
+            pairs.extend(item_pairs)
+        batch = pipe._parse_and_tokenize(pairs)
+        inputs = {k: batch[k] for k in pipe.tokenizer.model_input_names if k in batch}
+        return Encoded(inputs, [len(labels)] * len(items), _padding_side(pipe),
+                       {"sequences": list(items), "labels": list(labels)})
+
+    def forward(self, pipe: Any, inputs: dict[str, Any], forward_params: Mapping[str, Any]) -> Any:
+        import inspect
+
+        kwargs = dict(inputs)
+        if "use_cache" in inspect.signature(pipe.model.forward).parameters:  # as the pipeline's _forward
+            kwargs["use_cache"] = False
+        return pipe.model(**kwargs)
+
+    def select(self, pipe: Any, outputs: Any, encoded: Encoded, postprocess_params: Mapping[str, Any]) -> dict[str, Any]:
+        return {"logits": outputs["logits"]}
+
+    def decode(self, pipe: Any, host: dict[str, Any], encoded: Encoded,
+               postprocess_params: Mapping[str, Any]) -> list[Any]:
+        logits, labels = host["logits"], encoded.host["labels"]
+        results = []
+        for index, sequence in enumerate(encoded.host["sequences"]):
+            first = index * len(labels)  # this input's rows: one per label, in label order
+            outputs = [{"candidate_label": label, "sequence": sequence, "logits": logits[first + j:first + j + 1]}
+                       for j, label in enumerate(labels)]
+            results.append(pipe.postprocess(outputs, **postprocess_params))
+        return results
+
+
 class ImageClassificationBatcher(Batcher):
     """``image-classification``: one image-processor call per batch, the top-k labels per image."""
 
@@ -334,9 +445,11 @@ def _padding_side(pipe: Any) -> str:
     return side or "right"
 
 
-BATCHERS: dict[str, Batcher] = {b.task: b for b in (FeatureExtractionBatcher(), TextClassificationBatcher(),
-                                                    FillMaskBatcher(), ImageClassificationBatcher())}
-BATCHERS["sentiment-analysis"] = BATCHERS["text-classification"]  # transformers' alias
+BATCHERS: dict[str, Batcher] = {b.task: b for b in (
+    FeatureExtractionBatcher(), TextClassificationBatcher(), TokenClassificationBatcher(), FillMaskBatcher(),
+    ZeroShotClassificationBatcher(), ImageClassificationBatcher())}
+BATCHERS["sentiment-analysis"] = BATCHERS["text-classification"]  # transformers' aliases
+BATCHERS["ner"] = BATCHERS["token-classification"]
 
 
 def batcher_for(pipe: Any) -> Batcher | None:

@@ -27,7 +27,8 @@ BATCHED_TASKS = frozenset({
 # Pipelines whose pre- and post-processing fastpath runs per batch
 # (transformers_fastpath.pipelines.batched_tasks.BATCHERS; a test keeps the two in step).
 BATCHED_PROCESSING_TASKS = frozenset({"feature-extraction", "text-classification", "sentiment-analysis",
-                                      "fill-mask", "image-classification"})
+                                      "token-classification", "ner", "fill-mask", "zero-shot-classification",
+                                      "image-classification"})
 # Tasks whose inputs are text (length sorting by characters is a good proxy of tokens).
 TEXT_TASKS = frozenset({
     "feature-extraction", "text-classification", "sentiment-analysis", "token-classification", "ner",
