@@ -324,3 +324,124 @@ def test_zero_shot_batches_hold_about_batch_size_rows(zero_shot, monkeypatch) ->
     fast(list(TEXTS), candidate_labels=labels)
     per_batch = fast._batch_size // len(labels) * len(labels)
     assert rows[:-1] == [per_batch] * (len(rows) - 1) and sum(rows) == len(TEXTS) * len(labels)
+
+
+# -- regressions found in review -----------------------------------------------------------------
+
+def test_texts_and_pairs_mixed_and_empty_pairs_match_the_plain_pipeline(classifier) -> None:
+    plain, fast = classifier
+    mixed = [TEXTS[i] if i % 2 else {"text": TEXTS[i], "text_pair": TEXTS[i + 1] if i % 3 else ""}
+             for i in range(16)]  # an empty pair is no pair (the text alone), as per input
+    assert_same(plain(mixed, top_k=None), fast(mixed, top_k=None))
+    assert_same(plain(mixed[:4], top_k=None), list(fast(generator(mixed[:4]), top_k=None)))
+
+
+@pytest.mark.parametrize("task", ["feature-extraction", "text-classification"])
+def test_max_length_without_truncation_truncates_as_per_input(extractor, classifier, task: str) -> None:
+    plain, fast = extractor if task == "feature-extraction" else classifier
+    kwargs = {"tokenize_kwargs": {"max_length": 8}} if task == "feature-extraction" else {"max_length": 8}
+    assert_same(plain(list(TEXTS), **kwargs), fast(list(TEXTS), **kwargs))
+
+
+def test_a_tokenizer_without_attention_mask_is_declined(tiny_model_factory, monkeypatch) -> None:
+    plain, fast = pair("feature-extraction", tiny_model_factory("bert", "base"))
+    for pipe in (plain, fast):  # as FNet's tokenizer: the pads would be attended to
+        monkeypatch.setattr(pipe.tokenizer, "model_input_names", ["input_ids", "token_type_ids"])
+    got = fast(TEXTS[:6], return_tensors=True)  # transformers' batches (its own padding, attended to)
+    assert [x.shape for x in got] == [x.shape for x in plain(TEXTS[:6], return_tensors=True)]
+    assert any("attention mask" in reason for reason in batched_processing_of(fast).declined)
+
+
+def test_a_generator_yields_what_came_before_a_failing_input_or_a_failing_source(filler) -> None:
+    from transformers.pipelines import PipelineException
+
+    plain, fast = filler
+    texts = [*MASKED[:10], "no mask here.", *MASKED[10:14]]
+    for pipe in (plain, fast):
+        got = []
+        with pytest.raises(PipelineException):
+            got.extend(pipe(generator(texts)))
+        assert len(got) == 10, pipe  # every result before the failing input, as a batch-1 pipeline yields them
+
+    def source() -> Iterator[str]:
+        yield from MASKED[:9]
+        raise RuntimeError("the source broke")
+
+    for pipe in (plain, fast):
+        got = []
+        with pytest.raises(RuntimeError, match="the source broke"):
+            got.extend(pipe(source()))
+        assert len(got) == 9, pipe
+
+
+def test_fill_mask_single_inputs_keep_resilience_on(filler) -> None:
+    from transformers.pipelines import PipelineException
+
+    from transformers_fastpath.pipelines.resilience import resilience_of
+
+    plain, fast = filler
+    assert_same(plain([MASKED[0]]), fast([MASKED[0]]))  # a one-item list: fill-mask unwraps its result
+    assert not resilience_of(fast).passthrough
+    texts = [*MASKED[:12], "no mask here.", *MASKED[12:]]
+    with pytest.raises(PipelineException) as info:
+        fast(texts)
+    assert info.value.fastpath_failed_indices == [12]
+    assert_same(plain(MASKED), [r for i, r in enumerate(info.value.fastpath_results) if i != 12])
+
+
+def test_two_batches_each_with_a_bad_input_are_input_errors(classifier, monkeypatch) -> None:
+    """A call of exactly two batches (no input outside them for a canary) whose batches both fail:
+    each batch is run again as its own chunk, so the bad inputs are found and the rest complete."""
+    plain, fast = classifier
+    texts = [t.replace("number", "fox") if i in (3, 20) else t for i, t in enumerate(TEXTS[:40])]
+    poison = fast.tokenizer("fox")["input_ids"][1]
+    inner = fast.model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if bool((kwargs["input_ids"] == poison).any()):
+            raise ValueError("cannot embed token")
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(fast.model, "forward", forward)
+    with pytest.raises(ValueError, match="cannot embed token") as info:
+        fast(texts, batch_size=32)
+    assert info.value.fastpath_failed_indices == [3, 20]
+    good = [i for i in range(40) if i not in (3, 20)]
+    assert_same(plain([texts[i] for i in good]), [info.value.fastpath_results[i] for i in good])
+
+
+def test_images_the_processor_cannot_stack_run_one_at_a_time(tmp_path: Any) -> None:
+    import numpy as np
+    from PIL import Image
+    from transformers import (
+        ConvNextImageProcessor,
+        ResNetConfig,
+        ResNetForImageClassification,
+    )
+
+    torch.manual_seed(0)
+    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                              num_labels=5)).eval().save_pretrained(tmp_path)
+    ConvNextImageProcessor(do_resize=False).save_pretrained(tmp_path)  # keeps each image's size
+    plain, fast = pair("image-classification", tmp_path)
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (32 + 8 * (i % 2), 32, 3), dtype=np.uint8)) for i in range(6)]
+    assert_same(plain(pictures), fast(pictures))
+    assert_same(plain(pictures), list(fast(generator(pictures))))
+    assert any("ImageClassificationPipeline" in reason for reason in batched_processing_of(fast).declined)
+
+
+def test_zero_shot_with_more_labels_than_the_batch_size_runs_transformers_path(zero_shot) -> None:
+    plain, fast = zero_shot
+    labels = [f"label {i}" for i in range(6)]
+    assert_same(plain(TEXTS[:5], candidate_labels=labels), fast(TEXTS[:5], candidate_labels=labels, batch_size=4))
+    assert batched_processing_of(fast).declined.get("more model rows per input than the batch size", 0) >= 1
+
+
+def test_zero_shot_pairs_too_long_to_truncate_are_tokenized_as_alone(zero_shot, monkeypatch) -> None:
+    plain, fast = zero_shot
+    for pipe in (plain, fast):
+        monkeypatch.setattr(pipe.tokenizer, "model_max_length", 24)
+    texts = [" ".join(["word"] * 40) + f" {i}" for i in range(4)]  # premises that need truncating
+    labels = ["sports", " ".join(["topic"] * 30)]  # this hypothesis alone is longer than 24 tokens
+    assert_same(plain(texts, candidate_labels=labels), fast(texts, candidate_labels=labels))

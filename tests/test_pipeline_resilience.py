@@ -239,7 +239,9 @@ def test_errors_that_are_not_about_one_input_propagate_at_once(classifier, monke
         pipe(list(TEXTS))
     assert info.value is raised[0]  # the first error, as raised: no note, nothing attached
     assert not getattr(info.value, "__notes__", None) and not hasattr(info.value, "fastpath_results")
-    assert len(calls) == 4  # the batch, its two halves, one last input alone: not retried input by input
+    # The call (several batches: batched processing), its first batch, the batch's two halves, one
+    # last input alone: not retried input by input.
+    assert len(calls) == 5
 
 
 def test_fastpath_errors_are_never_retried(classifier, monkeypatch) -> None:

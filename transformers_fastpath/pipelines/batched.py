@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
-from .batched_tasks import Batcher, Encoded, batcher_for
+from .batched_tasks import BatchDeclined, Batcher, Encoded, batcher_for
 from .batching import override_subclass, sorted_order
 
 __all__ = ["BATCHES_PER_CALL", "BatchedState", "batched_processing_of", "batches_per_call",
@@ -126,7 +126,10 @@ def _declined(pipe: Any, state: BatchedState | None, batcher: Batcher | None, ba
         return "not a pipeline class fastpath batches"
     if not isinstance(batch_size, int) or batch_size <= 1:
         return "batch size 1"
-    return batcher.unsupported(pipe, preprocess_params, postprocess_params)
+    reason = batcher.unsupported(pipe, preprocess_params, postprocess_params)
+    if reason is None and batcher.rows(preprocess_params) > batch_size:
+        return "more model rows per input than the batch size"  # transformers splits such an input over forwards
+    return reason
 
 
 class _Results:
@@ -151,12 +154,13 @@ class _Results:
 
 @dataclass
 class _Flight:
-    """One batch launched: its positions in the window, its encoding, and its outputs on the way to the host."""
+    """One batch launched: its positions in the window, its encoding, and its outputs on the way to the host
+    (no encoding: the batcher declined it, and transformers' path runs it when it is finished)."""
 
     positions: list[int]
-    encoded: Encoded
-    host: dict[str, Any]
-    copied: Any  # a CUDA event recorded after the copies, or None when they are done
+    encoded: Encoded | None = None
+    host: dict[str, Any] = field(default_factory=dict)
+    copied: list[Any] = field(default_factory=list)  # CUDA events recorded after the copies
 
 
 class _BatchedRun:
@@ -173,28 +177,50 @@ class _BatchedRun:
         self.preprocess_params, self.forward_params, self.postprocess_params = params
 
     def results(self, inputs: Any) -> Iterator[Any]:
-        for window in self._windows(inputs):
-            if all(self.batcher.accepts(item) for item in window):
-                yield from self._run_window(window)
-            else:  # another kind of input among them: transformers' path, which raises or copes as it does
-                yield from self.base.get_iterator(self.pipe, window, self.num_workers, self.batch_size,
-                                                  self.preprocess_params, self.forward_params,
-                                                  self.postprocess_params)
-
-    def _windows(self, inputs: Any) -> Iterator[list[Any]]:
-        if isinstance(inputs, (list, tuple)):
-            yield list(inputs)  # in memory already (a list call: resilience hands a few batches at a time)
+        if isinstance(inputs, (list, tuple)):  # in memory already (resilience hands a few batches per call)
+            yield from self._run_window(list(inputs))
             return
+        for window, source_error in self._windows(inputs):
+            try:
+                results = list(self._run_window(window))
+            except Exception:  # noqa: BLE001 - rerun one input at a time: the results before the failing
+                results = None  # input come back, then its error is raised (as a batch-1 pipeline yields them)
+            if results is None:
+                yield from self._transformers_path(window, batch_size=1)
+            else:
+                yield from results
+            if source_error is not None:
+                raise source_error
+
+    def _windows(self, inputs: Any) -> Iterator[tuple[list[Any], BaseException | None]]:
+        """Windows of a lazy input, with the error its source raised while the window was read (the
+        inputs read before it are run first, as transformers runs each input it gets)."""
         items: Iterable[Any] = inputs
         if isinstance(inputs, Sized) and hasattr(inputs, "__getitem__"):  # a torch Dataset (e.g. KeyDataset)
             items = (inputs[i] for i in range(len(inputs)))
         iterator = iter(items)
         size, largest = 1, self.batch_size * BATCHES_PER_CALL
-        while window := list(itertools.islice(iterator, size)):
-            yield window
+        while True:
+            window: list[Any] = []
+            try:
+                window.extend(itertools.islice(iterator, size))
+            except Exception as exc:  # noqa: BLE001 - raised again after this window's results
+                yield window, exc
+                return
+            if not window:
+                return
+            yield window, None
             size = min(size * 2, largest)
 
+    def _transformers_path(self, items: list[Any], batch_size: int | None = None) -> Iterator[Any]:
+        return iter(self.base.get_iterator(self.pipe, items, self.num_workers, batch_size or self.batch_size,
+                                           self.preprocess_params, self.forward_params, self.postprocess_params))
+
     def _run_window(self, window: list[Any]) -> Iterator[Any]:
+        if not all(self.batcher.accepts(item) for item in window):
+            # another kind of input among them: transformers' path, which raises or copes as it does
+            yield from self._transformers_path(window)
+            return
         order = (sorted_order(window) if self.state.sort_windows else None) or list(range(len(window)))
         size = max(1, self.batch_size // self.batcher.rows(self.preprocess_params))  # inputs per model batch
         batches = [order[i:i + size] for i in range(0, len(order), size)]
@@ -203,15 +229,19 @@ class _BatchedRun:
         for positions in batches:
             flight = self._launch(window, positions)  # queued on the GPU before the previous batch is read
             if pending is not None:
-                self._finish(pending, results)
+                self._finish(pending, results, window)
             pending = flight
         if pending is not None:
-            self._finish(pending, results)
+            self._finish(pending, results, window)
         yield from results
 
     def _launch(self, window: list[Any], positions: list[int]) -> _Flight:
         pipe = self.pipe
-        encoded = self.batcher.encode(pipe, [window[p] for p in positions], self.preprocess_params)
+        items = [window[p] for p in positions]
+        try:
+            encoded = self.batcher.encode(pipe, items, self.preprocess_params)
+        except BatchDeclined as declined:
+            return self._declined_batch(positions, declined)
         with pipe.device_placement(), pipe.get_inference_context()():
             model_inputs = _to_device(encoded.inputs, pipe.device)
             outputs = self.batcher.forward(pipe, model_inputs, self.forward_params)
@@ -220,10 +250,28 @@ class _BatchedRun:
         self.state.batches += 1
         return _Flight(positions, encoded, host, copied)
 
-    def _finish(self, flight: _Flight, results: list[Any]) -> None:
-        if flight.copied is not None:
-            flight.copied.synchronize()
-        decoded = self.batcher.decode(self.pipe, flight.host, flight.encoded, self.postprocess_params)
+    def _declined_batch(self, positions: list[int], declined: BatchDeclined) -> _Flight:
+        reason = f"{type(self.pipe).__name__}: {declined}"
+        if reason not in self.state.declined:
+            logger.debug("fastpath: a batch runs transformers' per-input processing: %s", reason)
+        self.state.declined[reason] = self.state.declined.get(reason, 0) + 1
+        return _Flight(positions)
+
+    def _finish(self, flight: _Flight, results: list[Any], window: list[Any]) -> None:
+        for event in flight.copied:
+            event.synchronize()
+        decoded: list[Any] | None = None
+        if flight.encoded is not None:
+            try:
+                decoded = self.batcher.decode(self.pipe, flight.host, flight.encoded, self.postprocess_params)
+            except BatchDeclined as declined:
+                self._declined_batch(flight.positions, declined)
+        if decoded is None:  # declined: one input at a time (inputs the batcher cannot stack, as images of
+            # different sizes, transformers' collation could not stack either)
+            decoded = list(self._transformers_path([window[p] for p in flight.positions], batch_size=1))
+        if len(decoded) != len(flight.positions):
+            raise RuntimeError(f"fastpath: {type(self.batcher).__name__} made {len(decoded)} results for "
+                               f"{len(flight.positions)} inputs; set batched_processing = false and report it")
         for position, result in zip(flight.positions, decoded):
             results[position] = result
 
@@ -236,25 +284,28 @@ def _to_device(inputs: dict[str, Any], device: Any) -> dict[str, Any]:
             for k, v in inputs.items()}
 
 
-def _to_host(selected: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """``selected`` on the host, and the CUDA event that marks the copies done (None when they are)."""
+def _to_host(selected: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+    """``selected`` on the host, and the CUDA events that mark the copies done (one per source GPU:
+    a copy from another GPU than the current one, as with a ``device_map`` model, runs on that GPU's stream)."""
     import torch
 
     host: dict[str, Any] = {}
-    on_gpu = False
+    sources: set[torch.device] = set()
     for key, value in selected.items():
         if isinstance(value, torch.Tensor) and value.device.type == "cuda":
             buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            buffer.copy_(value, non_blocking=True)
+            with torch.cuda.device(value.device):
+                buffer.copy_(value, non_blocking=True)
             host[key] = buffer
-            on_gpu = True
+            sources.add(value.device)
         elif isinstance(value, torch.Tensor):
             host[key] = value.detach().cpu()
         else:
             host[key] = value
-    if not on_gpu:
-        return host, None
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
-
+    events = []
+    for device in sources:
+        with torch.cuda.device(device):
+            event = torch.cuda.Event()
+            event.record()
+            events.append(event)
+    return host, events

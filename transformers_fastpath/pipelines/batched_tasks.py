@@ -22,7 +22,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BATCHERS", "Batcher", "Encoded", "FeatureExtractionBatcher", "FillMaskBatcher",
+from .outputs import padding_side as tokenizer_padding_side
+
+__all__ = ["BATCHERS", "BatchDeclined", "Batcher", "Encoded", "FeatureExtractionBatcher", "FillMaskBatcher",
            "ImageClassificationBatcher", "TextBatcher", "TextClassificationBatcher", "TokenClassificationBatcher",
            "ZeroShotClassificationBatcher", "batcher_for"]
 
@@ -32,12 +34,18 @@ _SAME_PER_INPUT = frozenset({"truncation", "max_length", "add_special_tokens"})
 _PADDING_LIKE_COLLATION = (True, False, "longest", "do_not_pad")
 
 
+class BatchDeclined(Exception):
+    """Raised by :meth:`Batcher.encode` or :meth:`Batcher.decode` for a batch it cannot reproduce
+    exactly after all (images the processor cannot stack, an output of another shape): that batch's
+    inputs run transformers' per-input path instead."""
+
+
 @dataclass
 class Encoded:
     """A batch ready for the model: its inputs (CPU tensors) and what decoding needs to know."""
 
     inputs: dict[str, Any]  # what goes to the device
-    lengths: list[int]  # each input's own token count (what a batch-1 call would see)
+    lengths: list[int] = field(default_factory=list)  # text: each input's own token count (a batch-1 call's)
     padding_side: str = "right"
     host: dict[str, Any] = field(default_factory=dict)  # what stays on the host for decode (offsets, inputs...)
 
@@ -94,6 +102,8 @@ class TextBatcher(Batcher):
             return "no fast tokenizer"
         if tokenizer.pad_token_id is None:
             return "the tokenizer has no pad token"
+        if "attention_mask" not in getattr(tokenizer, "model_input_names", ()):
+            return "the tokenizer makes no attention mask (pads would be attended to)"
         kwargs = self.tokenizer_kwargs(preprocess_params)
         if kwargs is None:
             return f"preprocess arguments {', '.join(sorted(preprocess_params))}"
@@ -102,6 +112,9 @@ class TextBatcher(Batcher):
             return f"tokenizer arguments {', '.join(extra)}"
         if kwargs.get("padding", True) not in _PADDING_LIKE_COLLATION:
             return f"padding={kwargs['padding']!r}"
+        if "max_length" in kwargs and not kwargs.get("truncation"):
+            # alone, the tokenizer truncates to max_length; padded to the batch's longest, it would not
+            return "max_length without truncation"
         return None
 
     def accepts(self, item: Any) -> bool:
@@ -109,15 +122,8 @@ class TextBatcher(Batcher):
 
     def encode(self, pipe: Any, items: Sequence[Any], preprocess_params: Mapping[str, Any]) -> Encoded:
         params = {k: v for k, v in (self.tokenizer_kwargs(preprocess_params) or {}).items() if k != "padding"}
-        if all(isinstance(item, str) for item in items):
-            inputs = pipe.tokenizer(list(items), padding=True, return_tensors="pt", **params)
-        else:  # {"text", "text_pair"} (TextClassificationBatcher.accepts)
-            inputs = pipe.tokenizer(text=[item["text"] for item in items], text_pair=[item["text_pair"] for item in items],
-                                    padding=True, return_tensors="pt", **params)
-        mask = inputs.get("attention_mask")
-        ids = inputs["input_ids"]
-        lengths = mask.sum(-1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
-        return Encoded(dict(inputs), lengths, _padding_side(pipe))
+        inputs = pipe.tokenizer([_text_or_pair(item) for item in items], padding=True, return_tensors="pt", **params)
+        return Encoded(dict(inputs), inputs["attention_mask"].sum(-1).tolist(), tokenizer_padding_side(pipe))
 
 
 class FeatureExtractionBatcher(TextBatcher):
@@ -139,6 +145,8 @@ class FeatureExtractionBatcher(TextBatcher):
                postprocess_params: Mapping[str, Any]) -> list[Any]:
         first = host["first"]
         per_token = first.ndim == 3 and tuple(first.shape[:2]) == tuple(encoded.inputs["input_ids"].shape)
+        if first.ndim == 3 and not per_token:  # a sequence of another length: which rows are padding is unknown
+            raise BatchDeclined("the first output is 3-D but not one row per token")
         width = first.shape[1] if first.ndim >= 2 else 0
         results: list[Any] = []
         for row, own in enumerate(encoded.lengths):
@@ -278,12 +286,9 @@ class TokenClassificationBatcher(TextBatcher):
         truncation = bool(tokenizer.model_max_length and tokenizer.model_max_length > 0)  # as its preprocess
         batch = tokenizer(list(items), padding=True, truncation=truncation, return_special_tokens_mask=True,
                           return_offsets_mapping=True, return_tensors="pt")
-        batch.pop("overflow_to_sample_mapping", None)
         host = {k: batch.pop(k) for k in ("special_tokens_mask", "offset_mapping")}
-        mask = batch.get("attention_mask")
-        ids = batch["input_ids"]
-        lengths = mask.sum(-1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
-        return Encoded(dict(batch), lengths, _padding_side(pipe), {**host, "sentences": list(items)})
+        return Encoded(dict(batch), batch["attention_mask"].sum(-1).tolist(), tokenizer_padding_side(pipe),
+                       {**host, "sentences": list(items)})
 
     def forward(self, pipe: Any, inputs: dict[str, Any], forward_params: Mapping[str, Any]) -> Any:
         return pipe.model(**inputs)
@@ -332,10 +337,8 @@ class ZeroShotClassificationBatcher(TextBatcher):
         for item in items:
             item_pairs, _ = pipe._args_parser(item, labels, template)  # transformers' checks and errors
             pairs.extend(item_pairs)
-        batch = pipe._parse_and_tokenize(pairs)
-        inputs = {k: batch[k] for k in pipe.tokenizer.model_input_names if k in batch}
-        return Encoded(inputs, [len(labels)] * len(items), _padding_side(pipe),
-                       {"sequences": list(items), "labels": list(labels)})
+        inputs = {k: v for k, v in _zero_shot_tokens(pipe, pairs).items() if k in pipe.tokenizer.model_input_names}
+        return Encoded(inputs, host={"sequences": list(items), "labels": list(labels)})
 
     def forward(self, pipe: Any, inputs: dict[str, Any], forward_params: Mapping[str, Any]) -> Any:
         import inspect
@@ -392,8 +395,11 @@ class ImageClassificationBatcher(Batcher):
         timeout = preprocess_params.get("timeout")
         images = [item if isinstance(item, (np.ndarray, torch.Tensor)) else load_image(item, timeout=timeout)
                   for item in items]
-        inputs = pipe.image_processor(images=images, return_tensors="pt").to(pipe.dtype)
-        return Encoded(dict(inputs), [1] * len(images))
+        try:
+            inputs = pipe.image_processor(images=images, return_tensors="pt")
+        except ValueError as exc:  # processed images of different sizes do not stack: one at a time, as there
+            raise BatchDeclined(str(exc)) from exc
+        return Encoded(dict(inputs.to(pipe.dtype)))
 
     def select(self, pipe: Any, outputs: Any, encoded: Encoded, postprocess_params: Mapping[str, Any]) -> dict[str, Any]:
         return {"scores": _class_scores(pipe, outputs["logits"], postprocess_params.get("function_to_apply"))}
@@ -438,11 +444,27 @@ def _class_scores(pipe: Any, logits: Any, given: Any) -> Any:
                      "'none' (transformers' classification pipelines raise ValueError for it too)")
 
 
-def _padding_side(pipe: Any) -> str:
-    """The side transformers' collation pads on (a feature extractor's side wins, as there)."""
-    extractor = getattr(pipe, "feature_extractor", None) or getattr(pipe, "image_processor", None)
-    side = getattr(extractor, "padding_side", None) or getattr(pipe.tokenizer, "padding_side", None)
-    return side or "right"
+def _text_or_pair(item: Any) -> Any:
+    """What the tokenizer gets for one input, as the per-input preprocess gives it: a text, or a
+    ``(text, pair)`` tuple (an empty pair is no pair: the tokenizer encodes the text alone then)."""
+    if isinstance(item, str):
+        return item
+    return (item["text"], item["text_pair"]) if item["text_pair"] else item["text"]
+
+
+def _zero_shot_tokens(pipe: Any, pairs: list[Any]) -> Any:
+    """``pipe._parse_and_tokenize(pairs)`` as if each pair were tokenized alone: where truncating the
+    premise cannot make a pair fit, transformers tokenizes that pair without truncation; a batch call
+    would do so for the whole batch, so such a batch is tokenized pair by pair and padded."""
+    try:
+        return pipe.tokenizer(pairs, add_special_tokens=True, return_tensors="pt", padding=True,
+                              truncation="only_first")
+    except Exception as exc:
+        if "too short" not in str(exc):
+            raise
+    singles = [pipe._parse_and_tokenize([pair]) for pair in pairs]
+    return pipe.tokenizer.pad([{k: v[0] for k, v in single.items()} for single in singles], padding=True,
+                              return_tensors="pt")
 
 
 BATCHERS: dict[str, Batcher] = {b.task: b for b in (

@@ -22,7 +22,7 @@ from typing import Any
 
 from .batching import override_subclass
 
-__all__ = ["OWN_LENGTH_KEY", "enable_own_tokens", "own_tokens_enabled"]
+__all__ = ["OWN_LENGTH_KEY", "enable_own_tokens", "own_tokens_enabled", "padding_side"]
 
 OWN_LENGTH_KEY = "fastpath_own_length"
 _MARKER = "_fastpath_own_tokens_base"
@@ -47,7 +47,7 @@ def _forward(self: Any, model_inputs: Any, **forward_params: Any) -> Any:
 
 
 def _postprocess(self: Any, model_outputs: Any, *args: Any, **kwargs: Any) -> Any:
-    return _base(self).postprocess(self, _own_tokens(model_outputs, _padding_side(self)), *args, **kwargs)
+    return _base(self).postprocess(self, _own_tokens(model_outputs, padding_side(self)), *args, **kwargs)
 
 
 def _own_tokens(model_outputs: Any, side: str) -> Any:
@@ -64,7 +64,7 @@ def _own_tokens(model_outputs: Any, side: str) -> Any:
     return type(model_outputs)(items)
 
 
-def _padding_side(pipeline: Any) -> str:
+def padding_side(pipeline: Any) -> str:
     """The side transformers' collation pads text on: the tokenizer's."""
     return getattr(getattr(pipeline, "tokenizer", None), "padding_side", None) or "right"
 

@@ -5,7 +5,8 @@
 the batch size, each chunk one call of the pipeline's own ``__call__`` -- so batches are made
 of exactly the inputs transformers would put together, and a failure costs only its chunk. With
 batched processing on (:mod:`transformers_fastpath.pipelines.batched`) a chunk is several batches,
-so that consecutive batches can overlap; a failing chunk is bisected the same way.
+so that consecutive batches can overlap; a failing chunk is run again batch by batch, each batch as
+a chunk of its own.
 
 Out of memory (``torch.OutOfMemoryError``, CUDA/MPS/XPU "out of memory" RuntimeErrors, a CPU
 allocator failure, ``MemoryError``): the chunk is split in halves and each half retried (with
@@ -36,9 +37,9 @@ input: fastpath's own errors, ``ImportError``, ``SyntaxError``, ``RecursionError
 raise (same type and message; any out-of-memory counts as the same) before a single input has
 completed -- a broken model, a bug -- unless one more input, the last of the list (with length
 sorting the shortest), then runs alone: it is raised as it was first raised, after at most
-three extra calls (the two halves of the first batch -- or, for a call of several batches, its first
-two batches -- and that one input). Errors of pipeline
-creation (a missing model directory, an unknown task) happen before any of this.
+three extra calls (the two halves of the first batch and that one input; with batched processing,
+where a call holds several batches, the first batch alone comes before its halves: four). Errors
+of pipeline creation (a missing model directory, an unknown task) happen before any of this.
 
 Not changed: single inputs, generators, datasets, chats (a list of messages is one input), and
 pipelines whose ``__call__`` does not return one result per input of a list (detected on the
@@ -199,12 +200,15 @@ class _Run:
         finally:
             if self.call_count is not None:
                 self.pipe.call_count = self.call_count + 1
-        return self._finish()
+        results = self._finish()
+        if len(self.inputs) == 1 and _unwraps_one_item_lists(self.pipe):
+            return results[0]  # what the pipeline itself returns for a one-item list
+        return results
 
     def _give_up(self, whole: Any) -> Any:
         """The pipeline does not return one result per input: leave it alone from now on."""
         self.state.passthrough = True
-        if self.calls == 1 and len(self.inputs) <= self.batch_size and whole is not _PENDING:
+        if self.calls == 1 and len(self.inputs) <= self.batch_size * self.per_call and whole is not _PENDING:
             return whole  # that one call was the whole list, exactly as transformers would run it
         logger.warning("fastpath: %s does not return one result per input of a list, so fastpath cannot keep "
                        "inputs apart; this list runs again whole, and the pipeline is left as transformers made "
@@ -223,6 +227,8 @@ class _Run:
             if isinstance(exc, _NEVER_PER_INPUT):
                 raise
             return exc
+        if len(items) == 1 and _unwraps_one_item_lists(self.pipe):
+            out = [out]  # fill-mask returns a one-item list's only result unwrapped
         if not isinstance(out, list) or len(out) != len(items):
             raise _NotPerInput(out if len(positions) == len(self.inputs) else _PENDING)
         for index, result in zip(positions, out):
@@ -240,20 +246,24 @@ class _Run:
         if is_out_of_memory(error):
             self._out_of_memory(positions, batch_size, error)
             return
-        if len(positions) > batch_size:  # a call of several batches: not a reason to skip the canary's inputs
-            self.wide.add(frozenset(positions))
+        if len(positions) > batch_size:  # a call of several batches (batched processing)
+            self.wide.add(frozenset(positions))  # it says nothing about which batch: no reason to skip a canary
+            if not suspect and not checked:
+                self._check_general(positions, error)
+            for start in range(0, len(positions), batch_size):  # each batch as its own chunk, as without it
+                part = [i for i in positions[start:start + batch_size] if self.results[i] is _PENDING]
+                if part:
+                    self._settle(part, batch_size)
+            return
         if not suspect and not checked:
             self._check_general(positions, error)
         if len(positions) == 1:
             self._input_failed(positions[0], error)
             return
-        if len(positions) > batch_size:  # a call of several batches (batched processing): each batch alone
-            parts = [positions[i:i + batch_size] for i in range(0, len(positions), batch_size)]
-        else:
-            half = math.ceil(len(positions) / 2)
-            parts = [positions[:half], positions[half:]]
+        half = math.ceil(len(positions) / 2)
+        parts = [positions[:half], positions[half:]]
         errors = []
-        for part in parts:  # every part before going deeper: a general error shows at once
+        for part in parts:  # both halves before going deeper: a general error shows at once
             part_error = self._attempt(part, batch_size)
             if part_error is not None and not is_out_of_memory(part_error):
                 self._check_general(part, part_error)
@@ -405,6 +415,12 @@ def _is_chunk_pipeline(pipe: Any) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(pipe, ChunkPipeline)
+
+
+def _unwraps_one_item_lists(pipe: Any) -> bool:
+    """Pipelines whose ``__call__`` returns ``outputs[0]`` for a list of one input."""
+    names = {klass.__name__ for klass in type(pipe).__mro__}
+    return bool(names & {"FillMaskPipeline", "DepthEstimationPipeline"})
 
 
 def _suspects(inputs: Sequence[Any]) -> set[int]:
