@@ -883,3 +883,38 @@ def test_layer_hooks_still_fire_on_layer_level_conversion() -> None:
     torch.testing.assert_close(run(fast, inputs).last_hidden_state, run(model, inputs).last_hidden_state,
                                atol=ATOL, rtol=0)
     assert len(seen) == 1 and runtime_of(fast).stats["dense"] == LAYERS
+
+
+# -- CUDA graphs: the CPU half (the GPU half is tests/test_gpu.py::test_small_batches_replay_cuda_graphs) --
+
+def test_cuda_graph_buckets() -> None:
+    from transformers_fastpath.passes.fused_encoder.graphs import bucket_batch, bucket_length
+
+    assert [bucket_batch(b) for b in (1, 2, 3, 5, 8, 9, 64)] == [1, 2, 4, 8, 8, 16, 64]
+    assert [bucket_length(t) for t in (1, 16, 17, 64, 65, 128, 129, 512)] == [16, 16, 32, 64, 128, 128, 192, 512]
+
+
+def test_cuda_graphs_off_the_gpu(tiny_model_factory) -> None:
+    """On a CPU the setting resolves to false with its reason and the runtime keeps no cache; a
+    plan-less apply keeps one that CPU batches never enter; a copy of the model starts empty;
+    cache_qkv turns graphs off (a cached q/k/v copy would freeze inside a graph)."""
+    from transformers import AutoModel
+
+    import transformers_fastpath as fp
+
+    model = AutoModel.from_pretrained(tiny_model_factory("bert", "base"), fastpath=True)
+    plan = fp.plan_of(model)
+    assert plan["cuda_graphs"] is False and "CUDA graphs need a GPU" in plan.settings["cuda_graphs"].reason
+    assert runtime_of(model).graphs is None
+
+    config = text_config("bert")
+    fast = converted_copy(build(config), route="dense")
+    graphs = runtime_of(fast).graphs
+    assert graphs is not None and not graphs.fits(torch.zeros(2, 8, HIDDEN))
+    inputs = text_inputs(config)
+    run(fast, inputs)
+    assert len(graphs) == 0 and not graphs.stats and runtime_of(fast).stats == {"dense": 1}
+    graphs.stats["replays"] = 3
+    twin = pickle.loads(pickle.dumps(copy.deepcopy(fast)))
+    assert len(runtime_of(twin).graphs) == 0 and not runtime_of(twin).graphs.stats
+    assert runtime_of(converted_copy(build(config), cache_qkv=True)).graphs is None

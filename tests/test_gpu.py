@@ -284,3 +284,74 @@ def test_batched_chunk_pipelines_on_the_gpu(tiny_model_factory) -> None:
                 scores = dict(zip(b["labels"], b["scores"]))
                 assert sorted(a["labels"]) == sorted(b["labels"])
                 assert max(abs(s - scores[label]) for label, s in zip(a["labels"], a["scores"])) < 3e-2
+
+
+# -- CUDA graphs for small fused-encoder batches ---------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_small_batches_replay_cuda_graphs(tiny_model_factory, dtype: str) -> None:
+    """A bucket's second call captures, later ones replay; real tokens equal the eager fused encoder
+    (and the unconverted model) on padded and unpadded batches of odd sizes; in-place weight changes
+    reach the graph, a replaced weight captures again; a copy starts empty; revert frees the graphs."""
+    import copy
+
+    from transformers import AutoModel
+
+    from transformers_fastpath.passes.fused_encoder import runtime_of
+
+    path = tiny_model_factory("bert", "base")
+    settings = {"defaults": {"dtype": dtype}}
+    model = AutoModel.from_pretrained(path, fastpath=settings)
+    eager = AutoModel.from_pretrained(path, fastpath={"defaults": {"dtype": dtype, "cuda_graphs": False}})
+    plain = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype)).to("cuda").eval()
+    assert model.device.type == "cuda" and fp.plan_of(model)["cuda_graphs"] is True
+    assert runtime_of(eager).graphs is None
+    graphs = runtime_of(model).graphs
+    atol = 2e-5 if dtype == "float32" else 3e-2
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(rows: int, length: int, padded: bool) -> dict[str, torch.Tensor]:
+        lengths = torch.randint(1, length + 1, (rows,), generator=gen) if padded else torch.full((rows,), length)
+        mask = torch.arange(length)[None, :] < lengths[:, None]
+        ids = torch.randint(3, 100, (rows, length), generator=gen).masked_fill(~mask, 0)
+        return {"input_ids": ids.cuda(), "attention_mask": mask.long().cuda()}
+
+    def run(m: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.inference_mode():
+            return m(**inputs).last_hidden_state
+
+    for rows, length, padded in [(8, 128, False), (3, 37, True), (5, 100, False), (1, 9, True)]:
+        inputs = batch(rows, length, padded)
+        keep = inputs["attention_mask"].bool()
+        want, reference = run(eager, inputs), run(plain, inputs)
+        replays = graphs.stats["replays"]
+        for _ in range(3):  # eager, capture + replay, replay
+            got = run(model, inputs)
+            torch.testing.assert_close(got[keep], want[keep], atol=atol, rtol=atol)
+            torch.testing.assert_close(got[keep], reference[keep], atol=atol * 5, rtol=atol * 5)
+        assert graphs.stats["replays"] == replays + 2, (rows, length, padded, dict(graphs.stats))
+    assert graphs.stats["captures"] == 4 and len(graphs) == 4 and graphs.disabled is None
+    assert runtime_of(model).stats["dense: cuda graph"] == 8
+
+    inputs = batch(4, 32, True)
+    keep = inputs["attention_mask"].bool()
+    run(model, inputs), run(model, inputs)
+    layer = model.encoder.layer[0]
+    with torch.no_grad():
+        layer.output.dense.weight.mul_(0.5)  # in place: the graph reads the same memory
+        eager.encoder.layer[0].output.dense.weight.mul_(0.5)
+    torch.testing.assert_close(run(model, inputs)[keep], run(eager, inputs)[keep], atol=atol, rtol=atol)
+    captures = graphs.stats["captures"]
+    with torch.no_grad():  # a new tensor: the key changes, so the next calls capture again
+        layer.output.dense.weight = torch.nn.Parameter(layer.output.dense.weight * 2)
+        eager.encoder.layer[0].output.dense.weight = torch.nn.Parameter(eager.encoder.layer[0].output.dense.weight * 2)
+    for _ in range(2):
+        torch.testing.assert_close(run(model, inputs)[keep], run(eager, inputs)[keep], atol=atol, rtol=atol)
+    assert graphs.stats["captures"] == captures + 1
+
+    twin = copy.deepcopy(model)
+    assert len(runtime_of(twin).graphs) == 0
+    torch.testing.assert_close(run(twin, inputs)[keep], run(model, inputs)[keep], atol=atol, rtol=atol)
+    fp.revert(model)
+    assert len(graphs) == 0 and runtime_of(model) is None

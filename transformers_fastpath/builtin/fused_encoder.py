@@ -1,4 +1,5 @@
-"""Built-in plugin: registers the padding-free fused encoder pass (``encoder_fastpath``).
+"""Built-in plugin: registers the padding-free fused encoder pass (``encoder_fastpath``) and
+resolves ``cuda_graphs`` for it.
 
 Importing this module is cheap: torch and the pass are imported only when the hook runs.
 """
@@ -8,9 +9,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..hookspecs import hookimpl
+from .defaults import model_location
 
 if TYPE_CHECKING:
     from ..passes.base import Pass
+    from ..planning.plan import PlanBuilder
 
 
 @hookimpl
@@ -19,3 +22,16 @@ def fastpath_register_passes() -> list[Pass]:
     from ..passes.fused_encoder import FusedEncoderPass
 
     return [FusedEncoderPass()]
+
+
+@hookimpl
+def fastpath_resolve_plan(plan: PlanBuilder) -> None:
+    """``cuda_graphs = auto``: on where the model runs on a GPU (the graphs serve CUDA batches only)."""
+    if not plan.is_auto("cuda_graphs"):
+        return
+    where, why = model_location(plan)
+    if where == "cuda":
+        plan.set("cuda_graphs", True, reason="auto: small fused-encoder batches replay a CUDA graph per bucketed "
+                 "shape (launch-bound on a GPU)")
+    else:
+        plan.set("cuda_graphs", False, reason=f"auto: the model runs on {where} ({why}); CUDA graphs need a GPU")

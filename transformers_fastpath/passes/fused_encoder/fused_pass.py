@@ -98,8 +98,8 @@ class FusedEncoderPass:
         """Convert ``model`` in place, or raise :class:`PassSkipped` leaving it untouched.
 
         Only ``model.base_model`` (the ``BertModel`` inside ``BertForSequenceClassification``...)
-        is converted; heads are left as they are. ``plan`` is not read: every choice is made per
-        call from the input. Applying twice is a no-op.
+        is converted; heads are left as they are. From ``plan`` only ``strict`` and ``cuda_graphs``
+        are read: every other choice is made per call from the input. Applying twice is a no-op.
         """
         from .layers import LayerRejected, resolve_layer
         from .runtime import FusedRuntime, remove_all, runtime_of
@@ -150,8 +150,11 @@ class FusedEncoderPass:
 
         get = getattr(plan, "get", None)
         strict = bool(get("strict", False)) if callable(get) else False
+        # cuda_graphs: True/False once the plugin resolved it; without a plan, on (used on CUDA only).
+        graphs = get("cuda_graphs", "auto") if callable(get) else "auto"
         runtime = FusedRuntime(family, config, base, converted, route=self.route, root=model,
-                               strict=strict, pass_name=self.name, layer_returns_tuple=returns_tuple)
+                               strict=strict, pass_name=self.name, layer_returns_tuple=returns_tuple,
+                               cuda_graphs=graphs is True or graphs == "auto")
         try:
             runtime.install(encoder)
         except Exception:

@@ -37,6 +37,7 @@ from torch import nn
 from ...errors import StrictModeError, is_out_of_memory
 from ..instance_methods import fix_data_parallel_replicas, unfix_data_parallel_replicas
 from .families import Family
+from .graphs import MAX_GRAPHS, GraphCache
 from .guards import hooks_reason, kwargs_reason, state_reason
 from .heuristic import choose_route
 from .layers import BoundLayer, LayerParts
@@ -64,12 +65,13 @@ class FusedRuntime:
         strict: raise :class:`~transformers_fastpath.errors.StrictModeError` when the fused
             route fails at run time, instead of reverting to the original forward.
         failed: why the conversion was undone at run time, or None.
+        graphs: the CUDA graphs small dense batches replay (see ``graphs``), or None when off.
     """
 
     def __init__(self, family: Family, config: Any, owner: nn.Module,
                  layer_lists: Sequence[tuple[nn.ModuleList, Sequence[LayerParts]]], route: RouteChoice = "auto", *,
                  root: nn.Module | None = None, strict: bool = False, pass_name: str = "fused_encoder",
-                 layer_returns_tuple: bool = False) -> None:
+                 layer_returns_tuple: bool = False, cuda_graphs: bool = False) -> None:
         self.family = family
         self.config = config
         self.owner = owner
@@ -83,6 +85,10 @@ class FusedRuntime:
         self.pass_name = pass_name
         self.layer_returns_tuple = layer_returns_tuple  # layer-level: the layer's forward returns (hidden, ...)
         self.failed: str | None = None
+        self.graphs: GraphCache | None = None
+        if cuda_graphs and not any(p.cache_qkv for p in self.parts):  # a cached q/k/v copy would freeze in a graph
+            forwards = 1 if family.encoder is not None else len(self.parts)
+            self.graphs = GraphCache(max_graphs=MAX_GRAPHS * forwards)
 
     @property
     def route(self) -> RouteChoice:
@@ -109,6 +115,8 @@ class FusedRuntime:
     def drop_caches(self) -> None:
         for parts in self.parts:
             parts.drop_cache()
+        if self.graphs is not None:
+            self.graphs.clear()
 
     def cache_bytes(self) -> int:
         """Bytes held by packed q/k/v copies (only with ``cache_qkv=True``)."""
@@ -298,6 +306,13 @@ class FusedForward:
         route = self._route(hidden, keep)
         if route is None:
             return _Fallback("the original forward is faster for this shape")
+        graphs = runtime.graphs
+        if route == "dense" and graphs is not None and graphs.fits(hidden):
+            out = graphs.run(hidden, keep, bound_layers)
+            if out is not None:
+                runtime.stats["dense"] += 1
+                runtime.stats["dense: cuda graph"] += 1
+                return self._output(out)
         out = run_route(route, hidden, keep, bound_layers)
         runtime.stats[route] += 1
         return self._output(out)

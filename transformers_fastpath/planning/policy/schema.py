@@ -117,6 +117,9 @@ _SETTINGS_LIST = [
     Setting("encoder_fastpath", _auto_or_bool, "auto",
             "Fused, padding-free encoder layers for BERT-family and ViT models at inference. "
             "auto: on wherever the model supports it."),
+    Setting("cuda_graphs", _auto_or_bool, "auto",
+            "Small fused-encoder batches on a GPU replay a CUDA graph captured per bucketed shape "
+            "instead of launching every kernel from Python. auto: on where the model runs on a GPU."),
     Setting("backend", _choice(*BACKENDS), "auto",
             "What runs a CPU text encoder's inference forward. auto: onnxruntime where it applies (a float32 "
             "encoder on the CPU, the [onnx] extra installed), else torch. onnxruntime: single texts and small "
