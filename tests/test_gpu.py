@@ -308,7 +308,7 @@ def test_small_batches_replay_cuda_graphs(tiny_model_factory, dtype: str) -> Non
     assert model.device.type == "cuda" and fp.plan_of(model)["cuda_graphs"] is True
     assert runtime_of(eager).graphs is None
     graphs = runtime_of(model).graphs
-    atol = 2e-5 if dtype == "float32" else 3e-2
+    atol = 1e-4 if dtype == "float32" else 3e-2  # eager: no mask and flash SDPA; the bucket: masked softmax
     gen = torch.Generator().manual_seed(0)
 
     def batch(rows: int, length: int, padded: bool) -> dict[str, torch.Tensor]:
@@ -326,13 +326,15 @@ def test_small_batches_replay_cuda_graphs(tiny_model_factory, dtype: str) -> Non
         keep = inputs["attention_mask"].bool()
         want, reference = run(eager, inputs), run(plain, inputs)
         replays = graphs.stats["replays"]
-        for _ in range(3):  # eager, capture + replay, replay
+        first = run(model, inputs)
+        for _ in range(3):  # eager on the bucket, capture + replay, replay
             got = run(model, inputs)
+            assert torch.equal(got, first)  # the bucket's shape every time: the same bits, replayed or not
             torch.testing.assert_close(got[keep], want[keep], atol=atol, rtol=atol)
             torch.testing.assert_close(got[keep], reference[keep], atol=atol * 5, rtol=atol * 5)
-        assert graphs.stats["replays"] == replays + 2, (rows, length, padded, dict(graphs.stats))
+        assert graphs.stats["replays"] == replays + 3, (rows, length, padded, dict(graphs.stats))
     assert graphs.stats["captures"] == 4 and len(graphs) == 4 and graphs.disabled is None
-    assert runtime_of(model).stats["dense: cuda graph"] == 8
+    assert graphs.stats["replays"] == 12 and set(runtime_of(model).stats) == {"dense"}
 
     inputs = batch(4, 32, True)
     keep = inputs["attention_mask"].bool()

@@ -12,10 +12,9 @@ from .support import ATTENTION_IMPLEMENTATIONS, config_reason
 if TYPE_CHECKING:
     from torch import nn
 
-    from .layers import LayerParts
-
     from ...planning.model_info import ModelInfo
     from ...planning.plan import Plan, PlanBuilder
+    from .layers import LayerParts
     from .runtime import RouteChoice
 
 __all__ = ["FusedEncoderPass"]

@@ -92,6 +92,14 @@ def _elementwise_activation(act: Any) -> bool:
     return not any(True for _ in act.parameters()) and not any(True for _ in act.buffers())
 
 
+def _tensor(module: nn.Module, name: str) -> Any:
+    """``module.<name>``, from the parameter dict where it is there (nn.Module.__getattr__ is slow)."""
+    params = module._parameters
+    if name in params and name not in vars(module):
+        return params[name]
+    return getattr(module, name)
+
+
 def _plain_tensor(t: Any) -> bool:
     # Tensor subclasses (bitsandbytes Params4bit, torchao quantized tensors, DTensor...) do not
     # carry plain weights the fused op can read.
@@ -137,16 +145,15 @@ class LayerParts:
     def intact(self) -> bool:
         """True while every part is still the module that was checked at ``apply``."""
         for parent, attr, child in self.bindings:
-            if getattr(parent, attr, None) is not child:
+            # The submodule dict first: nn.Module.__getattr__ is slow, and this runs per layer and call.
+            if parent._modules.get(attr) is not child and getattr(parent, attr, None) is not child:
                 return False
         return True
 
     def parameters(self) -> LayerWeights:
         """The tensors the fused op reads, read fresh from the modules (a Parameter may be replaced)."""
-        q, k, v, out, n1, n2, f1, f2 = (self.q, self.k, self.v, self.out, self.norm1, self.norm2,
-                                        self.ffn_in, self.ffn_out)
-        return LayerWeights(q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, out.weight, out.bias,
-                            n1.weight, n1.bias, n2.weight, n2.bias, f1.weight, f1.bias, f2.weight, f2.bias)
+        return LayerWeights(*(t for m in (self.q, self.k, self.v, self.out, self.norm1, self.norm2, self.ffn_in,
+                                          self.ffn_out) for t in (_tensor(m, "weight"), _tensor(m, "bias"))))
 
     def read(self, dtype: torch.dtype, device: torch.device) -> BoundLayer | None:
         """This call's weights, or None unless all are plain tensors of ``dtype`` on ``device``."""

@@ -308,10 +308,9 @@ class FusedForward:
             return _Fallback("the original forward is faster for this shape")
         graphs = runtime.graphs
         if route == "dense" and graphs is not None and graphs.fits(hidden):
-            out = graphs.run(hidden, keep, bound_layers)
+            out = graphs.run(hidden, keep, bound_layers)  # graphs.stats counts the replays
             if out is not None:
                 runtime.stats["dense"] += 1
-                runtime.stats["dense: cuda graph"] += 1
                 return self._output(out)
         out = run_route(route, hidden, keep, bound_layers)
         runtime.stats[route] += 1
