@@ -918,3 +918,52 @@ def test_cuda_graphs_off_the_gpu(tiny_model_factory) -> None:
     twin = pickle.loads(pickle.dumps(copy.deepcopy(fast)))
     assert len(runtime_of(twin).graphs) == 0 and not runtime_of(twin).graphs.stats
     assert runtime_of(converted_copy(build(config), cache_qkv=True)).graphs is None
+
+
+# -- float16 for GPU encoders, and its overflow guard -------------------------------------------------
+
+def test_auto_dtype_is_float16_for_fused_encoders_on_a_gpu() -> None:
+    """float16 (measured closer to float32 than bfloat16 at the same speed) only where the fused
+    encoder converts an encoder-only model on a GPU; everything else keeps the hardware's default."""
+    import transformers_fastpath as fp
+    from transformers_fastpath.planning.hardware import Hardware
+
+    h100 = Hardware(device="cuda", memory_gib=80, capability=(9, 0), name="NVIDIA H100")
+    plan = fp.resolve(text_config("bert"), hardware=h100)
+    assert plan["dtype"] == "float16" and "8x closer to float32" in plan.settings["dtype"].reason
+    assert fp.resolve(text_config("bert"), hardware=h100, policy={"defaults": {"encoder_fastpath": False}})["dtype"] \
+        == "bfloat16"
+    assert fp.resolve(text_config("bert"), hardware=h100, policy={"defaults": {"dtype": "bfloat16"}})["dtype"] \
+        == "bfloat16"
+    assert fp.resolve(text_config("bert"), hardware=Hardware(device="cpu"))["dtype"] == "float32"
+    from transformers import LlamaConfig
+
+    llama = LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, architectures=["LlamaForCausalLM"])
+    assert fp.resolve(llama, hardware=h100)["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("route", ["dense", "packed"])
+def test_float16_overflow_reruns_in_float32(caplog: pytest.LogCaptureFixture, route: str) -> None:
+    """An FFN that overflows float16: the fused call's output is not finite, so the call runs the
+    same route again in float32; the result is finite and equals the float32 model within float16
+    rounding, a warning says so once, and calls that fit float16 are not rerun."""
+    config = text_config("bert")
+    reference = build(config)
+    with torch.no_grad():
+        reference.encoder.layer[0].intermediate.dense.weight.mul_(2e5)  # activations past 65504, weights within it
+    fast = converted_copy(reference, route=route).to(torch.float16)
+    inputs = text_inputs(config)
+    keep = inputs["attention_mask"].bool()
+    with caplog.at_level("WARNING", logger="transformers_fastpath"):
+        got = run(fast, inputs).last_hidden_state
+        run(fast, inputs)
+    assert got.dtype == torch.float16 and bool(torch.isfinite(got).all())
+    want = run(reference, inputs).last_hidden_state
+    torch.testing.assert_close(got[keep].float(), want[keep], atol=2e-2, rtol=1e-2)
+    stats = runtime_of(fast).stats
+    assert stats == {route: 2, "float16 overflow: rerun in float32": 2}, dict(stats)
+    assert sum("float16 overflowed in the fused encoder" in r.getMessage() for r in caplog.records) == 1
+    plain = converted_copy(build(config), route=route).to(torch.float16)
+    run(plain, inputs)
+    assert runtime_of(plain).stats == {route: 1}

@@ -217,9 +217,10 @@ def test_caller_arguments_win() -> None:
 
 def test_from_pretrained_loads_straight_onto_the_plans_device() -> None:
     """On a GPU machine the plan's device is where the weights load (a one-device device_map), and
-    the dtype is chosen for it; device = keep leaves a bare load on the CPU, in float32."""
+    the dtype is chosen for it (float16 for a fused BERT encoder on a GPU); device = keep leaves a bare
+    load on the CPU, in float32."""
     plan = resolve(bert(), hardware=H100)
-    assert plan["device"] == "cuda:0" and plan["dtype"] == "bfloat16"
+    assert plan["device"] == "cuda:0" and plan["dtype"] == "float16"
     assert plan.load_kwargs["device_map"] == {"": "cuda:0"}
     assert "straight onto it" in plan.settings["device"].reason
 
@@ -228,11 +229,11 @@ def test_from_pretrained_loads_straight_onto_the_plans_device() -> None:
     assert "leaves the model on the CPU" in kept.settings["dtype"].reason
     # A pipeline with device = keep lands on transformers' own default, the first GPU.
     assert resolve(bert(), task="text-classification", hardware=H100,
-                   policy={"defaults": {"device": "keep"}})["dtype"] == "bfloat16"
+                   policy={"defaults": {"device": "keep"}})["dtype"] == "float16"
 
     on_cpu = resolve(bert(), hardware=H100, call_kwargs={"device_map": "cpu"})
     assert on_cpu["dtype"] == "float32" and on_cpu["device"] == "keep" and "device_map" not in on_cpu.load_kwargs
-    assert resolve(bert(), hardware=H100, call_kwargs={"device_map": "auto"})["dtype"] == "bfloat16"
+    assert resolve(bert(), hardware=H100, call_kwargs={"device_map": "auto"})["dtype"] == "float16"
     # A pipeline's device=1 / -1 is a device, not "keep".
     assert resolve(bert(), task="text-classification", hardware=H100x2, call_kwargs={"device": 1}
                    ).load_kwargs["device_map"] == {"": "cuda:1"}

@@ -34,7 +34,7 @@ def test_resolve_reads_only_the_config(config_only_dir: Path) -> None:
 
 @pytest.mark.parametrize("hardware, dtype, device, batch", [
     (CPU, "float32", "cpu", 32),
-    (H100x2, "bfloat16", "cuda:0", 64),
+    (H100x2, "float16", "cuda:0", 64),  # a BERT encoder the fused encoder converts: float16 (docs/policy.md)
     (T4, "float16", "cuda:0", 64),
 ])
 def test_builtin_defaults_per_hardware(config_only_dir: Path, hardware: Hardware, dtype: str, device: str,
@@ -85,12 +85,12 @@ def test_plan_is_immutable_and_json_safe(config_only_dir: Path) -> None:
     with pytest.raises(TypeError):
         plan.settings["dtype"] = None  # type: ignore[index]
     data = json.loads(json.dumps(plan.to_dict()))
-    assert data["settings"]["dtype"]["value"] == "bfloat16"
-    assert data["load_kwargs"]["dtype"] == "bfloat16"
+    assert data["settings"]["dtype"]["value"] == "float16"  # a fused BERT encoder on a GPU
+    assert data["load_kwargs"]["dtype"] == "float16"
     assert data["hardware"]["count"] == 2
     text = str(plan)
     assert "setting" in text and "source" in text and "reason" in text
-    assert "bfloat16" in text and "2x NVIDIA" not in text  # a spec without a name prints generically
+    assert "float16" in text and "2x NVIDIA" not in text  # a spec without a name prints generically
     assert "from_pretrained kwargs" in text
 
 

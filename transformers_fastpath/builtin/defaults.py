@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 
 from ..hookspecs import hookimpl
+from ..passes.generation import is_generative
 from ..planning.hardware import device_kind
 from ..planning.plan import PlanBuilder
 from ..planning.tasks import BATCHED_PROCESSING_TASKS, BATCHED_TASKS, TEXT_TASKS
@@ -60,6 +61,8 @@ def _resolve_dtype(plan: PlanBuilder) -> None:
         plan.set("dtype", "float32", reason=f"auto: the model runs on the CPU ({why}), where float32 is fastest")
     elif hw.device == "cpu":
         plan.set("dtype", "float32", reason="auto: CPUs run float32 matmuls fastest (bf16/fp16 are emulated on most)")
+    elif hw.is_gpu and where == hw.device and (encoder := _encoder_float16(plan)):
+        plan.set("dtype", "float16", reason=encoder)
     elif hw.supports_bf16:
         plan.set("dtype", "bfloat16", reason="auto: the GPU runs bf16 at full speed; same range as float32")
     elif hw.is_gpu:
@@ -142,6 +145,15 @@ def _resolve_batching(plan: PlanBuilder) -> None:
         else:
             plan.set("batched_processing", True, reason="auto: each batch tokenized, copied and post-processed "
                      "at once, host work overlapping the device")
+
+
+def _encoder_float16(plan: PlanBuilder) -> str | None:
+    """The reason for float16 where the fused encoder converts this encoder-only model, else None."""
+    if plan.get("encoder_fastpath") is False or is_generative(plan.model):
+        return None
+    from ..passes.fused_encoder.support import float16_reason  # the pass knows which models it converts
+
+    return float16_reason(plan.model.config)
 
 
 def _installed(module: str) -> bool:

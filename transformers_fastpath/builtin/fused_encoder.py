@@ -1,5 +1,6 @@
 """Built-in plugin: registers the padding-free fused encoder pass (``encoder_fastpath``) and
-resolves ``cuda_graphs`` for it.
+resolves ``cuda_graphs`` for it. (Which models ``dtype = auto`` makes float16 on a GPU is
+``passes.fused_encoder.support.float16_reason``, read by ``builtin.defaults``.)
 
 Importing this module is cheap: torch and the pass are imported only when the hook runs.
 """
@@ -26,6 +27,10 @@ def fastpath_register_passes() -> list[Pass]:
 
 @hookimpl
 def fastpath_resolve_plan(plan: PlanBuilder) -> None:
+    _resolve_cuda_graphs(plan)
+
+
+def _resolve_cuda_graphs(plan: PlanBuilder) -> None:
     """``cuda_graphs = auto``: on where the model runs on a GPU (the graphs serve CUDA batches only)."""
     if not plan.is_auto("cuda_graphs"):
         return

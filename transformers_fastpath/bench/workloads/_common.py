@@ -43,7 +43,7 @@ def plan_summary(obj: Any) -> dict[str, Any] | None:
     if plan is None:
         return None
     keys = ("dtype", "attn_implementation", "device", "placement", "batch_size", "length_bucketing",
-            "batched_processing", "quantization", "static_cache", "compile", "encoder_fastpath")
+            "batched_processing", "quantization", "static_cache", "compile", "encoder_fastpath", "cuda_graphs")
     settings = {k: plan.settings[k].value for k in keys if k in plan.settings}
     return {"settings": {k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
                          for k, v in settings.items()},

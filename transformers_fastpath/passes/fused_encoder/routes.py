@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -45,7 +45,7 @@ warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is 
                         category=UserWarning)
 
 
-def run_dense(x: torch.Tensor, keep: torch.Tensor | None, layers: Sequence[BoundLayer]) -> torch.Tensor:
+def run_dense(x: torch.Tensor, keep: torch.Tensor | None, layers: Iterable[BoundLayer]) -> torch.Tensor:
     """Fused op on the padded batch; ``keep`` is ``(B, T)`` True at real tokens, or None."""
     pad = None if keep is None else ~keep
     mask_type = None if pad is None else 1
@@ -54,7 +54,7 @@ def run_dense(x: torch.Tensor, keep: torch.Tensor | None, layers: Sequence[Bound
     return x
 
 
-def run_nested(x: torch.Tensor, keep: torch.Tensor, layers: Sequence[BoundLayer]) -> torch.Tensor:
+def run_nested(x: torch.Tensor, keep: torch.Tensor, layers: Iterable[BoundLayer]) -> torch.Tensor:
     """Fused op on a nested tensor made once from the right-padded batch."""
     h = torch._nested_tensor_from_mask(x, keep)
     for layer in layers:
@@ -148,7 +148,7 @@ def computed_rows(keep: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def run_packed(x: torch.Tensor, keep: torch.Tensor, layers: Sequence[BoundLayer]) -> torch.Tensor:
+def run_packed(x: torch.Tensor, keep: torch.Tensor, layers: Iterable[BoundLayer]) -> torch.Tensor:
     """Padding-free linear layers on packed tokens; attention padding-free too where flash runs,
     else on a padded view via SDPA."""
     batch, length, embed = x.shape
@@ -178,8 +178,9 @@ def run_packed(x: torch.Tensor, keep: torch.Tensor, layers: Sequence[BoundLayer]
     return out.view(batch, length, embed)
 
 
-def run_route(route: Route, x: torch.Tensor, keep: torch.Tensor | None, layers: Sequence[BoundLayer]) -> torch.Tensor:
-    """Run ``route``; the padding-free routes need a mask (``keep`` not None)."""
+def run_route(route: Route, x: torch.Tensor, keep: torch.Tensor | None, layers: Iterable[BoundLayer]) -> torch.Tensor:
+    """Run ``route``; the padding-free routes need a mask (``keep`` not None). Every route walks
+    ``layers`` once, in order, so an iterator that makes them on the fly will do."""
     if route == "dense" or keep is None:
         return run_dense(x, keep, layers)
     if route == "nested":

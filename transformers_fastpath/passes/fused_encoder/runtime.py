@@ -40,7 +40,7 @@ from .families import Family
 from .graphs import MAX_GRAPHS, GraphCache
 from .guards import hooks_reason, kwargs_reason, state_reason
 from .heuristic import choose_route
-from .layers import BoundLayer, LayerParts
+from .layers import BoundLayer, LayerParts, LayerWeights
 from .masks import MaskRejected, keep_mask
 from .routes import ROUTES, Route, run_route, use_varlen
 
@@ -53,6 +53,7 @@ PASS_OWNER = "fused_encoder"  # this conversion's name among a module's DataPara
 _FAIL_LOCK = threading.Lock()  # module-level: a lock attribute would stop deepcopy/pickle of the model
 
 RouteChoice = Literal["auto", "dense", "nested", "packed"]
+_FP16_OVERFLOW = "float16 overflow: rerun in float32"
 
 
 class FusedRuntime:
@@ -307,14 +308,30 @@ class FusedForward:
         if route is None:
             return _Fallback("the original forward is faster for this shape")
         graphs = runtime.graphs
+        out = None
         if route == "dense" and graphs is not None and graphs.fits(hidden):
             out = graphs.run(hidden, keep, bound_layers)  # graphs.stats counts the replays
-            if out is not None:
-                runtime.stats["dense"] += 1
-                return self._output(out)
-        out = run_route(route, hidden, keep, bound_layers)
+        if out is None:
+            out = run_route(route, hidden, keep, bound_layers)
         runtime.stats[route] += 1
+        if out.dtype == torch.float16 and self.whole_encoder and not bool(torch.isfinite(out).all()):
+            out = self._rerun_in_float32(route, hidden, keep, bound_layers)
         return self._output(out)
+
+    def _rerun_in_float32(self, route: Route, hidden: torch.Tensor, keep: torch.Tensor | None,
+                          layers: Sequence[BoundLayer]) -> torch.Tensor:
+        """The float16 overflow guard: the same route again in float32 (each layer's weights cast as
+        it runs, so one layer's copy is alive at a time), cast back to float16, which holds the
+        normalized hidden states an encoder returns."""
+        stats = self.runtime.stats
+        stats[_FP16_OVERFLOW] += 1
+        if stats[_FP16_OVERFLOW] == 1:
+            logger.warning("fastpath: float16 overflowed in the fused encoder of %s; that call ran again in float32 "
+                           "(runtime_of(model).stats counts these). If it happens often, set dtype = 'bfloat16' in the "
+                           "policy for this model.", type(self.module).__name__)
+        wide = (BoundLayer(layer.parts, LayerWeights(*(None if t is None else t.float() for t in layer.w)))
+                for layer in layers)
+        return run_route(route, hidden.float(), keep, wide).to(torch.float16)
 
     def _route(self, hidden: torch.Tensor, keep: torch.Tensor | None) -> Route | None:
         forced = self.runtime.route

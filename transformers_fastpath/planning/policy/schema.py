@@ -106,8 +106,9 @@ BACKENDS = ("auto", "torch", "onnxruntime", "onnxruntime-int8")
 
 _SETTINGS_LIST = [
     Setting("dtype", _choice(*DTYPES), "auto",
-            "Weights/compute dtype. auto: float32 on CPU, bfloat16 on GPUs that run it fast, float16 "
-            "on older GPUs. keep: whatever the caller or checkpoint says."),
+            "Weights/compute dtype. auto: float32 on CPU; on a GPU float16 for encoders the fused encoder "
+            "converts, else bfloat16 on GPUs that run it fast and float16 on older GPUs. keep: whatever the "
+            "caller or checkpoint says."),
     Setting("attn_implementation", _choice(*ATTENTION), "auto",
             "Attention kernel family passed to from_pretrained as attn_implementation. auto: sdpa, "
             "or flash_attention_2/3 when installed and supported."),
