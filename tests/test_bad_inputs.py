@@ -73,6 +73,7 @@ def _garbage_values(files: dict[str, str]) -> dict[str, str]:
 def fresh_bootstrap(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Callable[..., list[str]]]:
     """``boot(**env) -> warnings``: run the .pth bootstrap again as at start-up, with only ``env`` set."""
     meta_path = list(sys.meta_path)
+    was_patched = patches.is_patched()
     monkeypatch.chdir(tmp_path)  # no fastpath.toml / pyproject.toml to discover
     patches.import_targets()  # already imported: boot() patches (and reads the policy) at once
 
@@ -96,6 +97,10 @@ def fresh_bootstrap(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator
 
     yield boot
     sys.meta_path[:] = meta_path
+    # boot() with a garbage value leaves transformers unpatched: later tests get the patched process back.
+    monkeypatch.undo()  # the bootstrap's flags (and any fault a test injected) first
+    if was_patched and not patches.is_patched():
+        patches.patch_all()
 
 
 @pytest.mark.parametrize("var", ["TRANSFORMERS_FASTPATH", "TRANSFORMERS_FASTPATH_POLICY"])
