@@ -431,47 +431,33 @@ def test_env_install_from_two_import_hooks_sets_one_policy(monkeypatch: pytest.M
     assert len(seen) == 1 and fp.is_installed()
 
 
-def test_load_lock_plain_loads_share_fastpath_loads_run_alone() -> None:
-    """Plain loads overlap each other; a fastpath load waits for them and they wait for it; a thread
-    nesting either kind inside the other does not deadlock."""
-    import time
+def test_plain_loads_in_threads_leave_weight_tying_intact(tiny_model_factory) -> None:
+    """transformers' from_pretrained swaps PreTrainedModel.tie_weights out for the whole load
+    (initialization.no_tie_weights) and back at the end. Two loads at once could leave it swapped
+    out for the rest of the process, and every later tied model (BERT's masked-LM decoder) loaded
+    with its tied weights on the meta device. In a patched process every load runs alone."""
+    from transformers import AutoModelForMaskedLM, PreTrainedModel
 
-    from transformers_fastpath.interception.load_lock import LoadLock
+    path = tiny_model_factory("bert", "mlm")
+    patches.patch_all()
+    original = PreTrainedModel.__dict__["tie_weights"]
+    barrier = threading.Barrier(6)
+    models: list[Any] = []
 
-    lock = LoadLock()
-    inside: list[str] = []
-    overlap: list[int] = []
-    violations: list[list[str]] = []
-    guard = threading.Lock()
+    def load() -> None:
+        barrier.wait(60)
+        with state.scoped_policy(None):  # fastpath off: a plain load
+            models.append(AutoModelForMaskedLM.from_pretrained(path))
 
-    def hold(kind: str, seconds: float) -> None:
-        with getattr(lock, kind)():
-            with guard:
-                inside.append(kind)
-                overlap.append(len(inside))
-                if "exclusive" in inside and len(inside) > 1:  # a fastpath load never shares the lock
-                    violations.append(list(inside))
-            time.sleep(seconds)
-            with guard:
-                inside.remove(kind)
-
-    threads = [threading.Thread(target=hold, args=(k, 0.2)) for k in ("shared", "shared", "exclusive", "shared")]
+    threads = [threading.Thread(target=load) for _ in range(6)]
     for t in threads:
         t.start()
-        time.sleep(0.02)
     for t in threads:
-        t.join(10)
-    assert not any(t.is_alive() for t in threads)
-    assert not violations, violations
-    assert max(overlap) >= 2  # the two first plain loads ran together
-
-    done = threading.Event()
-
-    def nested() -> None:
-        with lock.shared(), lock.exclusive(), lock.shared(), lock.exclusive():
-            done.set()
-
-    t = threading.Thread(target=nested)
-    t.start()
-    t.join(10)
-    assert done.is_set()
+        t.join(120)
+    assert PreTrainedModel.__dict__["tie_weights"] is original
+    assert len(models) == 6
+    for model in models:
+        assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+        assert not [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    later = AutoModelForMaskedLM.from_pretrained(path)
+    assert later.cls.predictions.decoder.weight.device.type == "cpu"

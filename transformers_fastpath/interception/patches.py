@@ -6,10 +6,13 @@ Wrapped: ``PreTrainedModel.from_pretrained`` (the Auto classes reach it too),
 loader ``load_model`` (so a ``pipeline`` name imported before patching still gets its task).
 With fastpath off for a call, each wrapper calls the original with exactly the caller's arguments.
 
-Thread safety: patching, unpatching and ``install()``/``uninstall()`` hold :data:`lock`; loads
-that fastpath handles run alone and loads with fastpath off run alongside each other but not
-alongside those (:data:`load_lock`, :mod:`.load_lock`), because transformers builds models under
-process-wide state (the default dtype) that concurrent loads with different dtypes corrupt.
+Thread safety: patching, unpatching and ``install()``/``uninstall()`` hold :data:`lock`; every
+``from_pretrained`` runs alone (:data:`load_lock`), with fastpath on or off, because transformers
+builds a model under process-wide state that two loads at once corrupt: the default dtype
+(``torch.set_default_dtype``: mixed float32/bfloat16 parameters) and ``PreTrainedModel.tie_weights``,
+which ``initialization.no_tie_weights`` swaps out for the whole load and back at the end (two
+loads at once could leave it swapped out for the rest of the process, and later tied models
+with their tied weights on the meta device).
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from types import ModuleType
 from typing import Any
 
 from . import state
-from .load_lock import LoadLock
 from .state import UNSET, LoadContext
 from .targets import ABSENT, AttributeSwaps, transformers_module_objects
 
@@ -38,9 +40,8 @@ logger = logging.getLogger("transformers_fastpath")
 # it and waiting for the same import would deadlock.
 lock = threading.RLock()
 _lock = lock
-# Fastpath loads exclusive, plain loads shared (see load_lock.py): transformers builds models under
-# process-wide state (the default dtype) that concurrent loads with different dtypes corrupt.
-load_lock = LoadLock()
+# Every load runs alone (see the module docstring); re-entrant: a model whose code loads another.
+load_lock = threading.RLock()
 # Every wrapper put in place, and the original object found there (exactly as found in __dict__).
 _swaps = AttributeSwaps()
 _originals = _swaps.found  # (id(owner), attribute) -> (owner, original), for tests and diagnostics
@@ -130,10 +131,9 @@ def _make_from_pretrained(orig: Any) -> Any:
     def from_pretrained(cls: type, pretrained_model_name_or_path: Any, *args: Any, fastpath: Any = UNSET,
                         **kwargs: Any) -> Any:
         policy = state.policy_for_call(fastpath)
-        if policy is None or state.inside_load():  # plain loads run alongside each other, not a fastpath load
-            with load_lock.shared():
+        with load_lock:
+            if policy is None or state.inside_load():
                 return orig(cls, pretrained_model_name_or_path, *args, **kwargs)
-        with load_lock.exclusive():
             return _fastpath_load(orig, cls, pretrained_model_name_or_path, args, kwargs, policy)
 
     return from_pretrained
