@@ -98,9 +98,11 @@ def test_bench_all_quick_runs_or_skips_every_workload(quick_run: QuickRun) -> No
 def test_quick_reports_carry_the_workload_specific_numbers(quick_run: QuickRun) -> None:
     _, out, reports = quick_run
     generate = reports["generate"]
-    assert [c["params"]["batch"] for c in generate["cases"]] == [1, 2]
+    assert [(c["params"]["mode"], c["params"]["batch"]) for c in generate["cases"]] == [
+        ("greedy", 1), ("greedy", 2), ("sampling", 1), ("sampling", 2)]
     for case in generate["cases"]:
         assert case["throughput_unit"] == "tokens/s"
+        assert case["check"]["passed"] is True
         for row in case["variants"].values():
             assert row["metrics"]["ttft_ms"] > 0 and "decode_ms_per_token" in row["metrics"]
             assert row["one_time_s"] is not None and row["throughput"] > 0

@@ -445,14 +445,14 @@ def test_decode_loop_gives_default_greedy_tokens(family: str) -> None:
 def test_decode_loop_leaves_other_calls_to_transformers(fresh_llama) -> None:
     model = fresh_llama
     ids, mask = prompts()
-    ref_penalty = greedy(model, ids, mask, repetition_penalty=1.3)
+    ref_ngram = greedy(model, ids, mask, no_repeat_ngram_size=2)
     fp.apply(model, LOOP, hardware=CPU)
     runtime = _runtime(model)
-    assert torch.equal(greedy(model, ids, mask, repetition_penalty=1.3), ref_penalty)
-    assert runtime.last_loop_reason == "generation setting repetition_penalty = 1.3"
+    assert torch.equal(greedy(model, ids, mask, no_repeat_ngram_size=2), ref_ngram)
+    assert runtime.last_loop_reason == "generation setting no_repeat_ngram_size = 2"
     torch.manual_seed(0)
-    model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, pad_token_id=PAD)
-    assert runtime.last_loop_reason == "generation setting do_sample = True"
+    model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, typical_p=0.9, pad_token_id=PAD)
+    assert runtime.last_loop_reason == "generation setting typical_p = 0.9"
     model.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD, return_dict_in_generate=True)
     assert runtime.last_loop_reason == "generation setting return_dict_in_generate = True"
 
@@ -499,9 +499,9 @@ def test_compiled_decode_loop_on_cpu_matches_default(fresh_llama) -> None:
     fp.apply(model, {"defaults": {"compile": True}}, hardware=CPU)  # decode_loop auto: on with compile
     assert fp.plan_of(model)["decode_loop"] is True
     assert torch.equal(greedy(model, ids, mask), ref) and _loop_ran(model)
-    compiled = _runtime(model).loop._compiled
-    assert compiled is not None
-    assert torch.equal(greedy(model, ids, mask), ref) and _runtime(model).loop._compiled is compiled
+    compiled = dict(_runtime(model).loop._compiled)
+    assert len(compiled) == 1
+    assert torch.equal(greedy(model, ids, mask), ref) and _runtime(model).loop._compiled == compiled
 
 
 def test_an_automatic_static_cache_is_dropped_when_compile_cannot_run(fresh_llama, monkeypatch) -> None:
@@ -577,3 +577,207 @@ def test_seeded_sampling_equals_transformers_where_the_docs_say(tiny_model_facto
         as_list[on] = [r[0]["generated_text"] for r in pipe(prompts, **sample)]
     assert one_at_a_time[True] == one_at_a_time[False]
     assert as_list[True][0] == as_list[False][0]
+
+
+# -- the lean loop's token choice: sampling, penalties, lengths, streamers -----------------------
+
+CHOICES = {
+    "temperature": dict(do_sample=True, temperature=0.7),
+    "top_k": dict(do_sample=True, top_k=5),
+    "top_p": dict(do_sample=True, top_p=0.8),
+    "min_p": dict(do_sample=True, min_p=0.1),
+    "repetition_penalty": dict(repetition_penalty=1.3),
+    "min_new_tokens": dict(min_new_tokens=3),
+    "min_length": dict(min_length=12),
+    "everything": dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.2,
+                       min_new_tokens=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHOICES))
+def test_token_choice_equals_transformers_processors(llama, name: str) -> None:
+    """For fixed logits, the loop's scores after its processors give the probabilities transformers'
+    own processor list gives for the same settings (``_get_logits_processor``), step after step,
+    within 1e-6 -- the same tokens filtered out, the repetition penalty skipping the left padding
+    exactly where this transformers does, EOS blocked for exactly the same steps."""
+    from transformers_fastpath.passes.generation.selection import (
+        Selection,
+        eos_unblock_step,
+        processed_scores,
+        rule_for,
+    )
+
+    config = GenerationConfig(eos_token_id=2, pad_token_id=PAD, **CHOICES[name])
+    config._eos_token_tensor = torch.tensor([2])  # what generate's _prepare_special_tokens sets
+    ids, mask = prompts()
+    processors = llama._get_logits_processor(config, input_ids_seq_length=ids.shape[1], device="cpu",
+                                             model_kwargs={"attention_mask": mask})
+    assert len(processors) >= 1
+    rule = rule_for(config, prompt_len=ids.shape[1], eos=[2])
+    selection = Selection(rule, config, ids=ids, mask=mask, vocab=VOCAB, eos=[2],
+                          unblock_at=eos_unblock_step(config, ids.shape[1], [2]))
+    gen = torch.Generator().manual_seed(3)
+    sequence, changed = ids, False
+    for step in range(6):
+        logits = torch.randn(2, VOCAB, generator=gen) * 4
+        logits[:, 2] += 8  # EOS near the top: blocked or not matters
+        ours = processed_scores(rule, logits, *selection.tensors())
+        theirs = processors(sequence, logits.clone())
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs)), f"step {step}: other tokens filtered out"
+        torch.testing.assert_close(ours.softmax(-1), theirs.softmax(-1), atol=1e-6, rtol=0)
+        changed |= not torch.equal(ours, logits)
+        token = sequence[:, -1:] if step % 2 else torch.randint(3, VOCAB, (2, 1), generator=gen)  # repeats too
+        sequence = torch.cat([sequence, token], dim=1)
+        selection.after_token(step, token)
+    assert changed, "the processors never changed the scores: the comparison proves nothing"
+
+
+def _sampled(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, seed: int, **settings) -> torch.Tensor:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, pad_token_id=PAD,
+                              **settings)
+
+
+SAMPLED = {
+    "temperature-top_k-top_p": dict(temperature=0.7, top_k=20, top_p=0.9),
+    "min_p-repetition_penalty": dict(min_p=0.05, repetition_penalty=1.2),
+    "return_sequences-several_eos": dict(num_return_sequences=3, top_k=10, eos_token_id=list(range(3, 33)),
+                                         min_new_tokens=2),
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", sorted(SAMPLED))
+def test_seeded_sampling_in_the_lean_loop_is_transformers_draw_for_draw(family: str, name: str) -> None:
+    """Uncompiled, the loop's sampling is bit-identical to transformers' under the same seed:
+    same processors, ``argmax(p / Exp(1))`` being what ``torch.multinomial(p, 1)`` computes, rows
+    finishing at their EOS and the output trimmed where transformers stops."""
+    settings = SAMPLED[name]
+    ids, mask = prompts()
+    plain = build(family)
+    refs = [_sampled(plain, ids, mask, seed, **settings) for seed in (0, 1)]
+    model = build(family)
+    fp.apply(model, LOOP, hardware=CPU)
+    for seed, ref in zip((0, 1), refs):
+        assert torch.equal(_sampled(model, ids, mask, seed, **settings), ref) and _loop_ran(model)
+    if "several_eos" in name:
+        assert any(r.shape[1] < ids.shape[1] + 12 for r in refs) or any(
+            bool(torch.isin(r[:, ids.shape[1]:], torch.arange(3, 33)).any()) for r in refs)
+
+
+def test_greedy_with_penalty_and_minimum_lengths_in_the_lean_loop(fresh_llama) -> None:
+    model = fresh_llama
+    ids, mask = prompts()
+    new = greedy(model, ids, mask, eos_token_id=VOCAB + 1)[:, ids.shape[1]:]
+    early_eos = [int(new[0, 1]), int(new[1, 2])]  # both rows would stop within three tokens
+    calls = [dict(repetition_penalty=1.3), dict(repetition_penalty=0.7),
+             dict(eos_token_id=early_eos, min_new_tokens=6), dict(eos_token_id=early_eos, min_length=14),
+             dict(eos_token_id=early_eos)]
+    refs = [greedy(model, ids, mask, **kwargs) for kwargs in calls]
+    assert refs[4].shape[1] < refs[2].shape[1]  # min_new_tokens changed transformers' output
+    fp.apply(model, LOOP, hardware=CPU)
+    for kwargs, ref in zip(calls, refs):
+        assert torch.equal(greedy(model, ids, mask, **kwargs), ref), kwargs
+        assert _loop_ran(model), kwargs
+
+
+class _Collect(BaseStreamer):
+    """Records every put, as transformers' streamers receive them."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.puts: list[torch.Tensor] = []
+        self.ended = False
+        self.fail_at = fail_at
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.fail_at is not None and len(self.puts) == self.fail_at:
+            raise ValueError("the caller's streamer is full")
+        self.puts.append(value.clone())
+
+    def end(self) -> None:
+        self.ended = True
+
+
+def test_streamers_get_what_transformers_gives_them(fresh_llama) -> None:
+    """The same puts (the prompt, then one tensor per new token, up to where generation stops) and
+    one end(), for greedy and sampled calls and a batch; a streamer that raises is the caller's
+    error and leaves the loop on."""
+    from transformers import TextStreamer
+
+    model = fresh_llama
+    ids, mask = prompts()
+    new = greedy(model, ids, mask, eos_token_id=VOCAB + 1)[:, ids.shape[1]:]
+    cases = [(ids[1:], None, dict(do_sample=False)), (ids, mask, dict(do_sample=False, eos_token_id=int(new[0, 6]))),
+             (ids[1:], None, dict(do_sample=True, top_k=10))]
+    refs = []
+    for prompt, prompt_mask, kwargs in cases:
+        streamer = _Collect()
+        torch.manual_seed(4)
+        refs.append((model.generate(prompt, attention_mask=prompt_mask, max_new_tokens=12, pad_token_id=PAD,
+                                    streamer=streamer, **kwargs), streamer.puts))
+    fp.apply(model, LOOP, hardware=CPU)
+    for (prompt, prompt_mask, kwargs), (ref, ref_puts) in zip(cases, refs):
+        streamer = _Collect()
+        torch.manual_seed(4)
+        out = model.generate(prompt, attention_mask=prompt_mask, max_new_tokens=12, pad_token_id=PAD,
+                             streamer=streamer, **kwargs)
+        assert _loop_ran(model) and streamer.ended
+        assert torch.equal(out, ref)
+        assert len(streamer.puts) == len(ref_puts) and all(map(torch.equal, streamer.puts, ref_puts))
+
+    with pytest.raises(ValueError, match="streamer is full"):
+        greedy(model, ids[1:], streamer=_Collect(fail_at=3))
+    assert _runtime(model).decode_loop
+    assert isinstance(TextStreamer, type)  # the documented streamers are BaseStreamer subclasses like _Collect
+
+
+def test_a_loop_failure_after_streaming_is_not_rerun(fresh_llama, monkeypatch) -> None:
+    """Tokens already streamed would be streamed twice by a re-run: the call raises, saying so, and
+    later calls use transformers' loop."""
+    from transformers_fastpath.passes.generation import selection
+
+    model = fresh_llama
+    ids, _ = prompts()
+    fp.apply(model, LOOP, hardware=CPU)
+    original = selection.Selection.after_token
+
+    def failing(self, index, token):
+        if index == 6:
+            raise RuntimeError("simulated device failure")
+        return original(self, index, token)
+
+    monkeypatch.setattr(selection.Selection, "after_token", failing)
+    streamer = _Collect()
+    with pytest.raises(RuntimeError, match="already received tokens"):
+        greedy(model, ids[1:], streamer=streamer)
+    assert len(streamer.puts) == 6  # the prompt and the first burst of tokens
+    assert not _runtime(model).decode_loop
+    assert fp.plan_of(model).pass_status(DECODE_LOOP_PASS).status == "failed"
+
+
+def test_settings_transformers_rejects_still_raise_its_error(fresh_llama) -> None:
+    model = fresh_llama
+    ids, mask = prompts()
+    with pytest.raises(ValueError) as plain:
+        _sampled(model, ids, mask, 0, top_p=-0.5)
+    fp.apply(model, LOOP, hardware=CPU)
+    with pytest.raises(ValueError) as fast:
+        _sampled(model, ids, mask, 0, top_p=-0.5)
+    assert str(fast.value) == str(plain.value)
+    with pytest.raises(ValueError):
+        greedy(model, ids, mask, num_return_sequences=2)  # greedy with several sequences: transformers rejects
+    assert _runtime(model).last_loop_reason.startswith("transformers rejects the generation settings")
+
+
+def test_compiled_sampling_step_on_cpu(fresh_llama) -> None:
+    """The sampling step through a real torch.compile: top_k = 1 sampling is the argmax (so it must
+    equal greedy), a penalty call equals transformers', and the two compile as two steps."""
+    model = fresh_llama
+    ids, mask = prompts()
+    ref = greedy(model, ids, mask)
+    ref_penalty = greedy(model, ids, mask, repetition_penalty=1.3)
+    fp.apply(model, {"defaults": {"compile": True}}, hardware=CPU)
+    assert torch.equal(_sampled(model, ids, mask, 0, top_k=1, temperature=0.5), ref) and _loop_ran(model)
+    assert torch.equal(greedy(model, ids, mask, repetition_penalty=1.3), ref_penalty) and _loop_ran(model)
+    assert len(_runtime(model).loop._compiled) == 2

@@ -1,9 +1,11 @@
-"""``generate``: greedy generation with default, expert, compiled and fastpath settings.
+"""``generate``: each decoding mode with default, expert, transformers' static-cache compile and fastpath.
 
-GPU: the 0.85B Llama shape (random bf16 weights), prompt 128, 128 new tokens, batch 1 and 16.
-CPU: a small Llama, prompt 32, 32 new tokens, batch 1 and 4. ``--quick``: a tiny Llama. Per
-variant: tokens/s, time to first token (a one-token call), decode ms/token, and the one-time
-cost of the first call (compilation, CUDA graph capture).
+GPU: the 0.85B Llama shape (random bf16 weights), prompt 128, 128 new tokens, batch 1 and 16,
+modes greedy, ``min_new_tokens``, ``repetition_penalty`` and sampling (temperature 0.7, top-p
+0.9). CPU: a small Llama, prompt 32, 32 new tokens, batch 1 and 4, greedy and sampling.
+``--quick``: a tiny Llama. ``--set modes=greedy,sampling`` picks modes. Per variant: tokens/s,
+time to first token (a one-token call), decode ms/token, and the one-time cost of the first call
+(compilation, CUDA graph capture).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 from ..checks import compare_greedy, is_half
 from ..runner import Bench
 from ._common import plan_summary
-from ._generate import llama_setup, load_causal, measure_generate
+from ._generate import MODES, llama_setup, load_causal, measure_generate
 from ._workload import Workload
 
 
@@ -22,12 +24,13 @@ def run(bench: Bench) -> None:
     import torch
 
     setup = llama_setup(bench)
+    setup.choose_modes(bench, default=list(MODES) if bench.on_gpu and not bench.quick else ["greedy", "sampling"])
     device = bench.device
     half = torch.bfloat16 if bench.on_gpu else torch.float32
     placed: dict[str, Any] = {"device_map": {"": device}} if bench.on_gpu else {}
     bench.define("default", "AutoModelForCausalLM.from_pretrained(path) with no settings (the checkpoint's bf16, "
                             f"transformers' default attention) moved to {device} by hand; generate(max_new_tokens=N, "
-                            "do_sample=False) with its default dynamic cache")
+                            "the mode's settings) with its default dynamic cache")
     bench.define("expert", f"from_pretrained(path, dtype={str(half).replace('torch.', '')}, "
                            f"attn_implementation='sdpa'{', device_map=' + repr(device) if placed else ''}); "
                            "dynamic cache")
@@ -71,7 +74,8 @@ def run(bench: Bench) -> None:
 
 WORKLOAD = Workload(
     "generate",
-    "greedy generate, prompt 128 + 128 new tokens, batch 1 and 16 (GPU: 0.85B Llama shape bf16; "
-    "CPU: a small Llama, 32 + 32 tokens, batch 1 and 4)",
+    "generate in each decoding mode (greedy, min_new_tokens, repetition_penalty, sampling), prompt 128 + 128 "
+    "new tokens, batch 1 and 16 (GPU: 0.85B Llama shape bf16; CPU: a small Llama, 32 + 32 tokens, batch 1 and 4, "
+    "greedy and sampling)",
     run,
 )

@@ -1,19 +1,21 @@
-"""A lean greedy decode loop for static-cache ``generate`` calls that need nothing else.
+"""A lean decode loop for static-cache ``generate`` calls: the token choice on the device, few host syncs.
 
 On an H100, transformers' ``generate`` loop costs about 1.3 ms of host time per token around
 a compiled decode step that takes about 1 ms on the GPU: input preparation, a 4D mask built
-in Python, logits processors, stopping criteria and a device sync every token. For a call
-that uses none of that -- greedy, one sequence per prompt, stopping at ``max_new_tokens`` or
-EOS -- fastpath runs the pattern transformers documents for a static cache (the
-``decode_one_tokens`` loop of the "LLM inference optimization" guide) itself: one compiled step
-per token that embeds, attends, picks the argmax and tracks EOS on the device, and a host
-check for "all finished" every :data:`SYNC_EVERY` tokens instead of every token.
+in Python, logits processors, stopping criteria and a device sync every token. fastpath runs
+the pattern transformers documents for a static cache (the ``decode_one_tokens`` loop of the
+"LLM inference optimization" guide) itself: one compiled step per token that embeds, attends,
+chooses the next token and tracks EOS on the device, and a host check for "all finished"
+every :data:`SYNC_EVERY` tokens instead of every token.
 
-The tokens are the ones transformers' greedy search picks from the same logits: the same
-position ids, mask, first-token logits (``logits_to_keep=1``), float32 argmax, and the pad
-token after a row's EOS; the output is trimmed to where transformers would have stopped.
-Anything else -- sampling, beams, logits processors, stopping criteria, streamers, extra
-model inputs, ``return_dict_in_generate`` -- goes to transformers' own loop
+The token choice covers greedy and sampling with transformers' own processors for temperature,
+top-k, top-p, min-p, the repetition penalty, ``min_new_tokens`` and ``min_length``
+(:mod:`.selection`), several EOS ids, ``num_return_sequences`` and streamers (fed every
+:data:`STREAM_EVERY` tokens, one ``put`` per token as transformers does). The inputs are
+transformers' own: the same position ids, mask, first-token logits (``logits_to_keep=1``),
+float32 scores and the pad token after a row's EOS; the output is trimmed to where
+transformers would have stopped. Anything else -- beams, other processors, stopping criteria,
+extra model inputs, ``return_dict_in_generate`` -- goes to transformers' loop
 (:func:`ineligible` says why).
 """
 
@@ -27,23 +29,29 @@ from typing import Any
 
 from ..instance_methods import method_signature
 from ..sdpa_backends import compiled_step_scope
+from .selection import Rule, Selection, choose, eos_unblock_step, rule_for, unsupported_setting
 
-__all__ = ["SYNC_EVERY", "DecodeLoop", "ineligible"]
+__all__ = ["STREAM_EVERY", "SYNC_EVERY", "DecodeLoop", "StreamerRaised", "StreamedFailure", "ineligible"]
 
 SYNC_EVERY = 16  # tokens between host checks for "every row has finished"
+STREAM_EVERY = 4  # ... and between deliveries to a streamer
+# One compiled step per token-choice rule and batch size, all of one Python function: dynamo's default
+# limit of 8 compiled variants per function would run the ninth uncompiled.
+_STEP_VARIANTS = 64
 
 # generate() arguments other than generation settings; any of them set sends the call to transformers.
 _CALL_ARGUMENTS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
-                   "assistant_model", "streamer", "negative_prompt_ids", "negative_prompt_attention_mask",
+                   "assistant_model", "negative_prompt_ids", "negative_prompt_attention_mask",
                    "custom_generate", "tokenizer", "inputs_embeds", "past_key_values", "cache")
-_MODEL_INPUTS = frozenset({"inputs", "input_ids", "attention_mask", "generation_config", "use_model_defaults"})
-# Generation settings that change what greedy search does, with the values that leave it alone.
+_MODEL_INPUTS = frozenset({"inputs", "input_ids", "attention_mask", "generation_config", "use_model_defaults",
+                           "streamer"})
+# Generation settings the loop does not apply, with the values that leave the decoding alone. (Sampling,
+# the repetition penalty, min_length/min_new_tokens and num_return_sequences are the loop's own: selection.py.)
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "do_sample": (False, None), "num_beams": (1, None), "num_beam_groups": (1, None),
-    "num_return_sequences": (1, None), "use_cache": (True, None), "penalty_alpha": (None,),
-    "dola_layers": (None,), "repetition_penalty": (1.0, None), "encoder_repetition_penalty": (1.0, None),
+    "num_beams": (1, None), "num_beam_groups": (1, None), "use_cache": (True, None), "penalty_alpha": (None,),
+    "dola_layers": (None,), "encoder_repetition_penalty": (1.0, None),
     "no_repeat_ngram_size": (0, None), "encoder_no_repeat_ngram_size": (0, None), "bad_words_ids": (None,),
-    "force_words_ids": (None,), "constraints": (None,), "min_length": (0, None), "min_new_tokens": (0, None),
+    "force_words_ids": (None,), "constraints": (None,),
     "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "suppress_tokens": (None,),
     "begin_suppress_tokens": (None,), "sequence_bias": (None,), "guidance_scale": (None, 1.0),
     "watermarking_config": (None,), "renormalize_logits": (False, None), "remove_invalid_values": (False, None),
@@ -57,16 +65,33 @@ _DEFAULT_MAX_LENGTH = 20
 
 
 def _effective_config(model: Any, call: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """The generation config ``generate`` would use for this call, and the call's leftover model kwargs."""
-    base = call.get("generation_config") or model.generation_config
-    config = copy.deepcopy(base)
+    """The generation config ``generate`` would use for this call, and the call's leftover model kwargs.
+
+    transformers' own merge (``_prepare_generation_config``: the call > its generation_config > the
+    model's > transformers' global defaults such as ``top_k = 50``), so sampling sees the same values.
+    """
     settings = {k: v for k, v in call.items() if k not in _MODEL_INPUTS and k not in _CALL_ARGUMENTS}
-    leftover = config.update(**settings)
-    return config, leftover
+    prepare = getattr(model, "_prepare_generation_config", None)
+    if callable(prepare):
+        return prepare(call.get("generation_config"), **settings)
+    config = copy.deepcopy(call.get("generation_config") or model.generation_config)
+    return config, config.update(**settings)
+
+
+class StreamedFailure(RuntimeError):
+    """The loop failed after the call's streamer had received tokens: re-running the call would stream them twice."""
+
+
+class StreamerRaised(Exception):
+    """The caller's streamer raised ``original``: the caller's error, not the loop's."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
 
 
 def ineligible(model: Any, call: dict[str, Any]) -> str | None:
-    """Why this ``generate`` call needs transformers' loop, or None when the lean greedy loop gives the same tokens."""
+    """Why this ``generate`` call needs transformers' loop, or None when the lean loop decodes it as transformers would."""
     if getattr(model.config, "is_encoder_decoder", False):
         return "encoder-decoder model"
     passed = next((name for name in _CALL_ARGUMENTS if call.get(name) is not None), None)
@@ -75,13 +100,25 @@ def ineligible(model: Any, call: dict[str, Any]) -> str | None:
     ids = call.get("input_ids", call.get("inputs"))
     if ids is None or getattr(ids, "ndim", 0) != 2 or ids.dtype.is_floating_point:
         return "the prompt is not a 2D tensor of token ids"
-    config, leftover = _effective_config(model, call)
+    try:
+        config, leftover = _effective_config(model, call)
+    except (ValueError, TypeError) as exc:  # transformers' loop raises it to the caller
+        return f"transformers rejects the generation settings: {exc}"
     if leftover:
         return f"model keyword arguments {sorted(leftover)}"
     for name, neutral in _NEUTRAL.items():
         value = getattr(config, name, None)
         if value not in neutral:
             return f"generation setting {name} = {value!r}"
+    if _return_sequences(config) > 1 and not config.do_sample:
+        return f"num_return_sequences = {config.num_return_sequences} without sampling (transformers rejects it)"
+    problem = unsupported_setting(config)
+    if problem is not None:
+        return f"generation setting {problem}"
+    streamer = call.get("streamer")
+    if streamer is not None and not (callable(getattr(streamer, "put", None))
+                                     and callable(getattr(streamer, "end", None))):
+        return "the streamer has no put() and end()"
     parameters = _forward_parameters(model)
     if "cache" not in parameters and "past_key_values" not in parameters:
         return f"{type(model).__name__}.forward takes no cache argument"
@@ -102,6 +139,11 @@ def _new_tokens(config: Any, prompt_len: int) -> int:
     return max_length - prompt_len
 
 
+def _return_sequences(config: Any) -> int:
+    value = config.num_return_sequences
+    return value if isinstance(value, int) and value > 0 else 1
+
+
 def _eos_ids(config: Any) -> list[int]:
     eos = config.eos_token_id
     if eos is None:
@@ -110,25 +152,30 @@ def _eos_ids(config: Any) -> list[int]:
 
 
 class DecodeLoop:
-    """The lean greedy loop for one model: its static cache and its (optionally compiled) decode step.
+    """The lean loop for one model: its static cache and its (optionally compiled) decode steps.
 
     The cache is kept between calls of the same batch size, cache length and dtype and reset in
     place, so a compiled step's CUDA graph keeps its addresses (as transformers does with
-    ``model._cache``). Calls on one model from several threads take turns.
+    ``model._cache``). One compiled step per token-choice :class:`~.selection.Rule`. Calls on one
+    model from several threads take turns.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # one call at a time: the cache is shared between calls
         self._cache: Any = None
         self._cache_key: tuple | None = None
-        self._compiled: Callable[..., Any] | None = None
+        self._compiled: dict[tuple[Rule, bool], Callable[..., Any]] = {}
 
     def __reduce__(self) -> tuple[type, tuple]:
         # A copied or pickled model gets a fresh loop: cache, compiled step and lock are per object.
         return (DecodeLoop, ())
 
     def generate(self, model: Any, call: dict[str, Any], *, cache_len: int, compile: bool) -> Any:
-        """Greedy tokens for ``call`` (same as ``model.generate``): prompt + new tokens, a LongTensor."""
+        """The tokens of ``call`` (same as ``model.generate``): prompt + new tokens, a LongTensor.
+
+        Raises:
+            StreamedFailure: the loop failed after the call's streamer had received tokens.
+        """
         import torch
 
         config, _ = _effective_config(model, call)
@@ -140,13 +187,27 @@ class DecodeLoop:
         if mask is None:  # transformers' inference: pad tokens are padding unless pad is an EOS token
             mask = (ids != pad).long() if pad is not None and pad not in eos and bool((ids == pad).any()) \
                 else torch.ones_like(ids)
-        with self._lock, torch.inference_mode():
-            tokens = self._run(model, ids, mask, new_tokens=new_tokens, cache_len=cache_len, eos=eos,
-                               pad=pad, compile=compile)
+        copies = _return_sequences(config)
+        if copies > 1:  # transformers' _expand_inputs_for_generation
+            ids, mask = ids.repeat_interleave(copies, dim=0), mask.repeat_interleave(copies, dim=0)
+        stream = _Stream(call["streamer"], ids) if call.get("streamer") is not None else None
+        try:
+            with self._lock, torch.inference_mode():
+                tokens = self._run(model, config, ids, mask, new_tokens=new_tokens, cache_len=cache_len, eos=eos,
+                                   pad=pad, compile=compile, stream=stream)
+            if stream is not None:
+                stream.send(tokens[:, ids.shape[1]:], tokens.shape[1] - ids.shape[1])
+                stream.end()
+        except StreamerRaised:
+            raise
+        except Exception as exc:
+            if stream is not None and stream.started:
+                raise StreamedFailure(f"after streaming tokens: {type(exc).__name__}: {exc}") from exc
+            raise
         return tokens.clone()  # a normal tensor, not an inference tensor, as generate returns under no_grad
 
-    def _run(self, model: Any, ids: Any, mask: Any, *, new_tokens: int, cache_len: int, eos: list[int],
-             pad: int | None, compile: bool) -> Any:
+    def _run(self, model: Any, config: Any, ids: Any, mask: Any, *, new_tokens: int, cache_len: int,
+             eos: list[int], pad: int | None, compile: bool, stream: _Stream | None) -> Any:
         import torch
 
         batch, prompt_len = ids.shape
@@ -168,7 +229,12 @@ class DecodeLoop:
             extra["position_ids"] = positions
         out = model(input_ids=ids, attention_mask=full_mask, cache_position=cache_positions[:prompt_len],
                     use_cache=True, **{cache_arg: cache}, **extra)
-        token = out.logits[:, -1, :].float().argmax(-1)
+        logits = out.logits[:, -1, :]
+        del out
+        rule = rule_for(config, prompt_len=prompt_len, eos=eos)
+        selection = Selection(rule, config, ids=ids, mask=mask, vocab=logits.shape[-1], eos=eos,
+                              unblock_at=eos_unblock_step(config, prompt_len, eos))
+        token = choose(rule, logits, *selection.tensors())
         eos_t = torch.tensor(eos, device=device) if eos else None
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         if eos_t is not None:
@@ -177,27 +243,36 @@ class DecodeLoop:
         generated[:, 0] = token
         position = positions[:, -1:] + 1
         token = token[:, None]
-        step = self._step(model, cache_arg, takes_positions, compile)
+        selection.after_token(0, token)
+        step = self._step(model, rule, cache_arg, takes_positions, compile)
         step_scope = compiled_step_scope(model) if compile else contextlib.nullcontext
         pad_t = torch.tensor(pad if pad is not None else 0, device=device)
+        state = selection.tensors()
+        check_every = STREAM_EVERY if stream is not None else SYNC_EVERY
 
         graphs = compile and device.type == "cuda"
-        for i in range(1, new_tokens):
-            slot = prompt_len + i - 1  # the cache slot of the token fed in this step
-            full_mask[:, slot] = 1
-            if graphs:  # a new CUDA-graph iteration: the previous step's outputs may be overwritten
-                torch.compiler.cudagraph_mark_step_begin()
-            with step_scope():  # the model's SDPA chain, which the compiler traces under
-                outputs = step(model, cache, token, position, cache_positions[slot:slot + 1], full_mask,
-                               unfinished, eos_t, pad_t)
-            # Copy into our own buffers before the next replay reuses the graph's output memory.
-            for buffer, value in zip((token, position, unfinished), outputs):
-                buffer.copy_(value)
-            generated[:, i] = token[:, 0]
-            if eos_t is not None and i % SYNC_EVERY == 0 and not bool(unfinished.any()):
-                break
+        with _room_for_step_variants() if compile else contextlib.nullcontext():
+            for i in range(1, new_tokens):
+                slot = prompt_len + i - 1  # the cache slot of the token fed in this step
+                full_mask[:, slot] = 1
+                if graphs:  # a new CUDA-graph iteration: the previous step's outputs may be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
+                with step_scope():  # the model's SDPA chain, which the compiler traces under
+                    outputs = step(model, cache, token, position, cache_positions[slot:slot + 1], full_mask,
+                                   unfinished, eos_t, pad_t, *state)
+                # Copy into our own buffers before the next replay reuses the graph's output memory.
+                for buffer, value in zip((token, position, unfinished), outputs):
+                    buffer.copy_(value)
+                generated[:, i] = token[:, 0]
+                selection.after_token(i, token)
+                if i % check_every == 0:
+                    done = eos_t is not None and not bool(unfinished.any())
+                    if stream is not None:
+                        stream.send(generated, _finished_length(generated, eos_t) if done else i + 1)
+                    if done:
+                        break
         if eos_t is not None:
-            generated = _trim_after_all_finished(generated, eos_t)
+            generated = generated[:, : _finished_length(generated, eos_t)]
         return torch.cat([ids, generated.to(ids.dtype)], dim=1)
 
     def _static_cache(self, model: Any, batch: int, cache_len: int) -> Any:
@@ -212,15 +287,16 @@ class DecodeLoop:
             self._cache.reset()
         return self._cache
 
-    def _step(self, model: Any, cache_arg: str, takes_positions: bool, compile: bool) -> Callable[..., Any]:
+    def _step(self, model: Any, rule: Rule, cache_arg: str, takes_positions: bool,
+              compile: bool) -> Callable[..., Any]:
         def decode_one_token(model: Any, cache: Any, token: Any, position: Any, cache_position: Any, mask: Any,
-                             unfinished: Any, eos: Any, pad: Any) -> tuple[Any, Any, Any]:
+                             unfinished: Any, eos: Any, pad: Any, *state: Any) -> tuple[Any, Any, Any]:
             import torch
 
             kwargs = {"position_ids": position} if takes_positions else {}
             out = model(input_ids=token, attention_mask=mask, cache_position=cache_position, use_cache=True,
                         **{cache_arg: cache}, **kwargs)
-            nxt = out.logits[:, -1, :].float().argmax(-1)
+            nxt = choose(rule, out.logits[:, -1, :], *state)
             if eos is not None:
                 nxt = torch.where(unfinished, nxt, pad)
                 unfinished = unfinished & ~torch.isin(nxt, eos)
@@ -228,21 +304,61 @@ class DecodeLoop:
 
         if not compile:
             return decode_one_token
-        if self._compiled is None:
+        key = (rule, takes_positions)
+        if key not in self._compiled:
             import torch
 
             mode = "reduce-overhead" if model.device.type == "cuda" else "default"
-            self._compiled = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
-        return self._compiled
+            self._compiled[key] = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+        return self._compiled[key]
 
 
-def _trim_after_all_finished(generated: Any, eos: Any) -> Any:
-    """Cut the columns after the step where the last row emitted EOS (where transformers stops)."""
+class _Stream:
+    """Feeds a streamer what transformers feeds it -- the prompt, then one ``put`` per new token -- in bursts."""
+
+    def __init__(self, streamer: Any, prompt: Any) -> None:
+        self.streamer = streamer
+        self.prompt = prompt
+        self.started = False
+        self.sent = 0
+
+    def send(self, generated: Any, upto: int) -> None:
+        """Put the new-token columns ``[sent, upto)`` of ``generated`` (batch, new tokens)."""
+        if upto <= self.sent:
+            return
+        if not self.started:
+            self.started = True
+            self._call(self.streamer.put, self.prompt.cpu())
+        chunk = generated[:, self.sent:upto].cpu()  # one device-to-host copy per burst
+        for column in range(chunk.shape[1]):
+            self._call(self.streamer.put, chunk[:, column])
+        self.sent = upto
+
+    def end(self) -> None:
+        self._call(self.streamer.end)
+
+    @staticmethod
+    def _call(method: Callable[..., Any], *args: Any) -> None:
+        try:
+            method(*args)
+        except Exception as exc:
+            raise StreamerRaised(exc) from exc
+
+
+def _room_for_step_variants() -> Any:
+    """A context raising dynamo's per-function recompile limit to :data:`_STEP_VARIANTS` while the loop runs."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(int(getattr(config, name)), _STEP_VARIANTS)})
+
+
+def _finished_length(generated: Any, eos: Any) -> int:
+    """How many new-token columns transformers keeps: through the step where the last row emitted EOS."""
     import torch
 
     hit = torch.isin(generated, eos)
-    finished_rows = hit.any(dim=1)
-    if not bool(finished_rows.all()):
-        return generated
-    first = hit.int().argmax(dim=1)  # first EOS per row
-    return generated[:, : int(first.max()) + 1]
+    if not bool(hit.any(dim=1).all()):
+        return generated.shape[1]
+    return int(hit.int().argmax(dim=1).max()) + 1  # the latest of the rows' first EOS

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import PassSkipped, StrictModeError
 from ..instance_methods import add_layer, get_layer, remove_layer
-from .decode_loop import DecodeLoop, ineligible
+from .decode_loop import DecodeLoop, StreamedFailure, StreamerRaised, ineligible
 from .request import GenerateRequest, apply_updates, bind_generate_call, plan_request
 
 if TYPE_CHECKING:
@@ -111,6 +111,13 @@ class FastGenerate:
         if self._loop_reason(model, call, request) is None:
             try:
                 return self.loop.generate(model, call, cache_len=request.cache_len or 0, compile=request.compiles)
+            except StreamerRaised as exc:
+                raise exc.original from exc.original.__cause__  # the caller's streamer failed: their error
+            except StreamedFailure as exc:
+                self._loop_failed(model, exc.__cause__ if isinstance(exc.__cause__, Exception) else exc)
+                raise RuntimeError(f"fastpath: the lean decode loop failed {exc}. The streamer had already "
+                                   "received tokens, so this call is not re-run; later calls on this model use "
+                                   "transformers' decode loop.") from exc
             except Exception as exc:
                 loop_error = exc
             # transformers' loop runs the call. If it fails too, the call itself is at fault (an id out
