@@ -781,3 +781,39 @@ def test_compiled_sampling_step_on_cpu(fresh_llama) -> None:
     assert torch.equal(_sampled(model, ids, mask, 0, top_k=1, temperature=0.5), ref) and _loop_ran(model)
     assert torch.equal(greedy(model, ids, mask, repetition_penalty=1.3), ref_penalty) and _loop_ran(model)
     assert len(_runtime(model).loop._compiled) == 2
+
+
+def test_stop_strings_end_rows_where_transformers_ends_them(tiny_model_factory) -> None:
+    """Stop strings are checked on the host every few tokens with transformers' StopStringCriteria:
+    a matching row is cut at the token that completed the string, later tokens are pad, and the
+    output ends where the last row ended; greedy and seeded sampling, one row and every row."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_model_factory("llama", "causal")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    plain = AutoModelForCausalLM.from_pretrained(path).eval()
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    fp.apply(model, LOOP, hardware=CPU)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["the weather today is", "a much longer prompt about many things"], return_tensors="pt",
+                      padding=True, return_token_type_ids=False)
+
+    def run(m, seed=0, **kwargs):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return m.generate(**batch, max_new_tokens=16, pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer,
+                              **kwargs)
+
+    free = run(plain, do_sample=False)
+    prompt_len = batch["input_ids"].shape[1]
+    words = [tokenizer.decode(free[row, prompt_len + 5: prompt_len + 7]).strip() for row in (0, 1)]
+    cases = [dict(do_sample=False, stop_strings=words[0]), dict(do_sample=False, stop_strings=words),
+             dict(do_sample=True, top_k=20, stop_strings=words)]
+    ended_early = False
+    for kwargs in cases:
+        for seed in (0, 1):
+            ref = run(plain, seed, **kwargs)
+            ended_early |= ref.shape[1] < free.shape[1] or bool((ref[:, prompt_len:] == tokenizer.pad_token_id).any())
+            assert torch.equal(run(model, seed, **kwargs), ref), kwargs
+            assert _loop_ran(model), _runtime(model).last_loop_reason
+    assert ended_early, "no stop string ever matched: the comparison proves nothing"

@@ -78,8 +78,8 @@ def resolve_generation(plan: PlanBuilder) -> None:
                                                    "and compile = false")
     if plan.is_auto("decode_loop"):
         if plan.get("compile") is True and not plan.model.is_encoder_decoder:
-            plan.set("decode_loop", True, reason="auto: plain greedy calls run a compiled step per token with no "
-                                                 "per-token host sync (other calls use transformers' loop)")
+            plan.set("decode_loop", True, reason="auto: greedy and sampled calls run a compiled step per token "
+                                                 "with no per-token host sync (other calls use transformers' loop)")
         else:
             plan.set("decode_loop", False, reason="auto: on only where compile is on, for decoder-only models")
     if plan.get("static_cache") is True and generative:

@@ -1,5 +1,5 @@
 """Fast ``generate``: a static, bucketed KV cache, transformers' own compile of the decode step, and a
-lean greedy decode loop."""
+lean decode loop (greedy and sampled decoding on the device)."""
 
 from .cache_length import bucket_cache_len, describe_buckets
 from .passes import (

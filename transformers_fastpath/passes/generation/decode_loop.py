@@ -42,9 +42,9 @@ _STEP_VARIANTS = 64
 # generate() arguments other than generation settings; any of them set sends the call to transformers.
 _CALL_ARGUMENTS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
                    "assistant_model", "negative_prompt_ids", "negative_prompt_attention_mask",
-                   "custom_generate", "tokenizer", "inputs_embeds", "past_key_values", "cache")
+                   "custom_generate", "inputs_embeds", "past_key_values", "cache")
 _MODEL_INPUTS = frozenset({"inputs", "input_ids", "attention_mask", "generation_config", "use_model_defaults",
-                           "streamer"})
+                           "streamer", "tokenizer"})
 # Generation settings the loop does not apply, with the values that leave the decoding alone. (Sampling,
 # the repetition penalty, min_length/min_new_tokens and num_return_sequences are the loop's own: selection.py.)
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -55,7 +55,7 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "suppress_tokens": (None,),
     "begin_suppress_tokens": (None,), "sequence_bias": (None,), "guidance_scale": (None, 1.0),
     "watermarking_config": (None,), "renormalize_logits": (False, None), "remove_invalid_values": (False, None),
-    "exponential_decay_length_penalty": (None,), "max_time": (None,), "stop_strings": (None,),
+    "exponential_decay_length_penalty": (None,), "max_time": (None,),
     "token_healing": (False, None), "output_scores": (False, None), "output_logits": (False, None),
     "output_attentions": (False, None), "output_hidden_states": (False, None),
     "return_dict_in_generate": (False, None), "prompt_lookup_num_tokens": (None,),
@@ -115,6 +115,8 @@ def ineligible(model: Any, call: dict[str, Any]) -> str | None:
     problem = unsupported_setting(config)
     if problem is not None:
         return f"generation setting {problem}"
+    if config.stop_strings is not None and call.get("tokenizer") is None:
+        return "stop_strings without a tokenizer (transformers rejects it)"
     streamer = call.get("streamer")
     if streamer is not None and not (callable(getattr(streamer, "put", None))
                                      and callable(getattr(streamer, "end", None))):
@@ -191,10 +193,11 @@ class DecodeLoop:
         if copies > 1:  # transformers' _expand_inputs_for_generation
             ids, mask = ids.repeat_interleave(copies, dim=0), mask.repeat_interleave(copies, dim=0)
         stream = _Stream(call["streamer"], ids) if call.get("streamer") is not None else None
+        stops = _Stops(call["tokenizer"], config.stop_strings, ids) if config.stop_strings is not None else None
         try:
             with self._lock, torch.inference_mode():
                 tokens = self._run(model, config, ids, mask, new_tokens=new_tokens, cache_len=cache_len, eos=eos,
-                                   pad=pad, compile=compile, stream=stream)
+                                   pad=pad, compile=compile, stream=stream, stops=stops)
             if stream is not None:
                 stream.send(tokens[:, ids.shape[1]:], tokens.shape[1] - ids.shape[1])
                 stream.end()
@@ -207,7 +210,7 @@ class DecodeLoop:
         return tokens.clone()  # a normal tensor, not an inference tensor, as generate returns under no_grad
 
     def _run(self, model: Any, config: Any, ids: Any, mask: Any, *, new_tokens: int, cache_len: int,
-             eos: list[int], pad: int | None, compile: bool, stream: _Stream | None) -> Any:
+             eos: list[int], pad: int | None, compile: bool, stream: _Stream | None, stops: _Stops | None) -> Any:
         import torch
 
         batch, prompt_len = ids.shape
@@ -248,7 +251,8 @@ class DecodeLoop:
         step_scope = compiled_step_scope(model) if compile else contextlib.nullcontext
         pad_t = torch.tensor(pad if pad is not None else 0, device=device)
         state = selection.tensors()
-        check_every = STREAM_EVERY if stream is not None else SYNC_EVERY
+        check_every = STREAM_EVERY if stream is not None or stops is not None else SYNC_EVERY
+        can_finish = eos_t is not None or stops is not None
 
         graphs = compile and device.type == "cuda"
         with _room_for_step_variants() if compile else contextlib.nullcontext():
@@ -266,13 +270,17 @@ class DecodeLoop:
                 generated[:, i] = token[:, 0]
                 selection.after_token(i, token)
                 if i % check_every == 0:
-                    done = eos_t is not None and not bool(unfinished.any())
+                    if stops is not None:
+                        stops.scan(generated, i + 1, unfinished, pad_t)
+                    done = can_finish and not bool(unfinished.any())
                     if stream is not None:
-                        stream.send(generated, _finished_length(generated, eos_t) if done else i + 1)
+                        stream.send(generated, _finished_length(generated, eos_t, stops) if done else i + 1)
                     if done:
                         break
-        if eos_t is not None:
-            generated = generated[:, : _finished_length(generated, eos_t)]
+        if stops is not None:
+            stops.scan(generated, generated.shape[1], unfinished, pad_t)
+        if can_finish:
+            generated = generated[:, : _finished_length(generated, eos_t, stops)]
         return torch.cat([ids, generated.to(ids.dtype)], dim=1)
 
     def _static_cache(self, model: Any, batch: int, cache_len: int) -> Any:
@@ -354,11 +362,53 @@ def _room_for_step_variants() -> Any:
     return config.patch(**{name: max(int(getattr(config, name)), _STEP_VARIANTS)})
 
 
-def _finished_length(generated: Any, eos: Any) -> int:
-    """How many new-token columns transformers keeps: through the step where the last row emitted EOS."""
+class _Stops:
+    """Rows that a stop string ends, found on the host every few tokens with transformers' ``StopStringCriteria``.
+
+    Each new column is checked against the sequence up to it, as transformers checks after every
+    token; a row that matches at column ``c`` is finished there: its later columns become the pad
+    token, on the device too, and the device stops extending it.
+    """
+
+    def __init__(self, tokenizer: Any, stop_strings: Any, prompt: Any) -> None:
+        from transformers.generation.stopping_criteria import StopStringCriteria
+
+        self.criteria = StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
+        self.prompt = prompt.cpu()
+        self.checked = 0
+        self.at: dict[int, int] = {}  # row -> the column whose token completed a stop string
+
+    def scan(self, generated: Any, upto: int, unfinished: Any, pad: Any) -> None:
+        """Check columns ``[checked, upto)`` of ``generated`` (batch, new tokens) and finish the rows that match."""
+        import torch
+
+        if upto <= self.checked:
+            return
+        host = torch.cat([self.prompt, generated[:, :upto].cpu()], dim=1)
+        prompt_len = self.prompt.shape[1]
+        for column in range(self.checked, upto):
+            hits = self.criteria(host[:, : prompt_len + column + 1], None)
+            for row in hits.nonzero()[:, 0].tolist():
+                self.at.setdefault(row, column)  # the first match ends the row (an earlier EOS wins later)
+        self.checked = upto
+        for row, column in self.at.items():
+            generated[row, column + 1:] = pad
+        if self.at:
+            unfinished[list(self.at)] = False
+
+
+def _finished_length(generated: Any, eos: Any, stops: _Stops | None = None) -> int:
+    """How many new-token columns transformers keeps: through the step where the last row finished
+    (its first EOS, or the token that completed a stop string)."""
     import torch
 
-    hit = torch.isin(generated, eos)
-    if not bool(hit.any(dim=1).all()):
+    rows = generated.shape[0]
+    ends = torch.full((rows,), -1, dtype=torch.long)
+    if eos is not None:
+        hit = torch.isin(generated, eos).cpu()
+        ends = torch.where(hit.any(dim=1), hit.int().argmax(dim=1).long(), ends)
+    for row, column in (stops.at.items() if stops is not None else ()):
+        ends[row] = column if ends[row] < 0 else min(int(ends[row]), column)
+    if bool((ends < 0).any()):
         return generated.shape[1]
-    return int(hit.int().argmax(dim=1).max()) + 1  # the latest of the rows' first EOS
+    return int(ends.max()) + 1

@@ -9,8 +9,8 @@ Both work through one layer around the model's ``generate`` (an instance-level o
   does by itself for a static cache (``GenerationMixin._valid_auto_compile_criteria`` ->
   ``get_compiled_call``, mode ``reduce-overhead`` on CUDA); without it, fastpath passes
   ``disable_compile=True`` so a static cache stays uncompiled.
-- ``generate_decode_loop`` (setting ``decode_loop``) runs plain greedy calls through fastpath's
-  lean loop (:mod:`.decode_loop`): the same tokens, without transformers' per-token host work.
+- ``generate_decode_loop`` (setting ``decode_loop``) runs greedy and sampled calls through fastpath's
+  lean loop (:mod:`.decode_loop`): transformers' token choice, without its per-token host work.
 
 If compilation fails in a call, the call is re-run without compile (when no streamer of the
 caller's has seen tokens yet), compile stays off for the model, the plan records the failure,
@@ -73,7 +73,7 @@ class FastGenerate:
 
     Attributes:
         compile: whether fastpath lets transformers compile the decode step (the compile pass sets it).
-        decode_loop: whether plain greedy calls run fastpath's lean loop (the decode-loop pass sets it).
+        decode_loop: whether static-cache calls run fastpath's lean loop (the decode-loop pass sets it).
         static_needs_compile: the static cache was chosen only for compile's sake (``static_cache =
             auto``): without compile it is slower than transformers' dynamic cache, so calls keep
             the dynamic one whenever compile does not run (skipped at apply time, or failed).
@@ -211,7 +211,7 @@ class StaticCachePass:
 
 
 class DecodeLoopPass:
-    """``decode_loop``: plain greedy static-cache calls run fastpath's lean decode loop."""
+    """``decode_loop``: static-cache calls (greedy or sampled) run fastpath's lean decode loop."""
 
     name = DECODE_LOOP_PASS
     setting = "decode_loop"
