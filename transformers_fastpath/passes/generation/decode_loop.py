@@ -10,8 +10,9 @@ every :data:`SYNC_EVERY` tokens instead of every token.
 
 The token choice covers greedy and sampling with transformers' own processors for temperature,
 top-k, top-p, min-p, the repetition penalty, ``min_new_tokens`` and ``min_length``
-(:mod:`.selection`), several EOS ids, ``num_return_sequences`` and streamers (fed every
-:data:`STREAM_EVERY` tokens, one ``put`` per token as transformers does). The inputs are
+(:mod:`.selection`), several EOS ids, ``num_return_sequences``, stop strings (checked on the
+host every :data:`STREAM_EVERY` tokens) and streamers (fed every :data:`STREAM_EVERY` tokens,
+one ``put`` per token as transformers does). The inputs are
 transformers' own: the same position ids, mask, first-token logits (``logits_to_keep=1``),
 float32 scores and the pad token after a row's EOS; the output is trimmed to where
 transformers would have stopped. Anything else -- beams, other processors, stopping criteria,
@@ -34,7 +35,7 @@ from .selection import Rule, Selection, choose, eos_unblock_step, rule_for, unsu
 __all__ = ["STREAM_EVERY", "SYNC_EVERY", "DecodeLoop", "StreamerRaised", "StreamedFailure", "ineligible"]
 
 SYNC_EVERY = 16  # tokens between host checks for "every row has finished"
-STREAM_EVERY = 4  # ... and between deliveries to a streamer
+STREAM_EVERY = 4  # ... and between deliveries to a streamer or stop-string checks
 # One compiled step per token-choice rule and batch size, all of one Python function: dynamo's default
 # limit of 8 compiled variants per function would run the ninth uncompiled.
 _STEP_VARIANTS = 64
