@@ -673,13 +673,36 @@ def test_greedy_with_penalty_and_minimum_lengths_in_the_lean_loop(fresh_llama) -
     early_eos = [int(new[0, 1]), int(new[1, 2])]  # both rows would stop within three tokens
     calls = [dict(repetition_penalty=1.3), dict(repetition_penalty=0.7),
              dict(eos_token_id=early_eos, min_new_tokens=6), dict(eos_token_id=early_eos, min_length=14),
-             dict(eos_token_id=early_eos)]
+             dict(eos_token_id=early_eos),
+             dict(eos_token_id=early_eos, min_new_tokens=2, min_length=15),  # min_new_tokens replaces min_length
+             dict(eos_token_id=early_eos, min_new_tokens=0, min_length=14)]
     refs = [greedy(model, ids, mask, **kwargs) for kwargs in calls]
     assert refs[4].shape[1] < refs[2].shape[1]  # min_new_tokens changed transformers' output
+    unset = model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=PAD)  # 20 new tokens
     fp.apply(model, LOOP, hardware=CPU)
     for kwargs, ref in zip(calls, refs):
         assert torch.equal(greedy(model, ids, mask, **kwargs), ref), kwargs
         assert _loop_ran(model), kwargs
+    assert unset.shape[1] == ids.shape[1] + 20
+    assert torch.equal(model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=PAD), unset)
+    assert _loop_ran(model)
+
+
+def test_top_p_keeps_the_boundary_token_transformers_keeps() -> None:
+    """transformers compares the cumulative probability with 1 - top_p computed in double: a token
+    whose mass sits exactly at the boundary stays (with 1 - float32(top_p) it would go)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from transformers_fastpath.passes.generation.selection import Rule, Selection, processed_scores
+
+    config = GenerationConfig(do_sample=True, top_p=0.9)
+    logits = torch.tensor([[-2.1972244, 0.0]])
+    ids = torch.tensor([[5]])
+    selection = Selection(Rule(sample=True, top_p=True), config, ids=ids, mask=torch.ones_like(ids), vocab=2,
+                          eos=[], unblock_at=0)
+    ours = processed_scores(Rule(sample=True, top_p=True), logits, *selection.tensors())
+    theirs = TopPLogitsWarper(0.9)(ids, logits.clone())
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs)) and not bool(torch.isinf(theirs).any())
 
 
 class _Collect(BaseStreamer):
@@ -817,3 +840,7 @@ def test_stop_strings_end_rows_where_transformers_ends_them(tiny_model_factory) 
             assert torch.equal(run(model, seed, **kwargs), ref), kwargs
             assert _loop_ran(model), _runtime(model).last_loop_reason
     assert ended_early, "no stop string ever matched: the comparison proves nothing"
+    # Without an EOS token transformers pads nothing: a stopped row keeps its tokens until all have stopped.
+    plain.generation_config.eos_token_id = model.generation_config.eos_token_id = None
+    ref = run(plain, do_sample=False, stop_strings=words[0])
+    assert torch.equal(run(model, do_sample=False, stop_strings=words[0]), ref) and _loop_ran(model)

@@ -39,6 +39,7 @@ STREAM_EVERY = 4  # ... and between deliveries to a streamer or stop-string chec
 # One compiled step per token-choice rule and batch size, all of one Python function: dynamo's default
 # limit of 8 compiled variants per function would run the ninth uncompiled.
 _STEP_VARIANTS = 64
+_EOS_WIDTH = 8  # EOS id lists up to this long share one compiled step
 
 # generate() arguments other than generation settings; any of them set sends the call to transformers.
 _CALL_ARGUMENTS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
@@ -125,7 +126,7 @@ def ineligible(model: Any, call: dict[str, Any]) -> str | None:
     parameters = _forward_parameters(model)
     if "cache" not in parameters and "past_key_values" not in parameters:
         return f"{type(model).__name__}.forward takes no cache argument"
-    if _new_tokens(config, ids.shape[1]) < 1:
+    if _new_tokens(model, call, config, ids.shape[1]) < 1:
         return "no new tokens requested"
     return None
 
@@ -135,10 +136,21 @@ def _forward_parameters(model: Any) -> frozenset[str]:
     return frozenset(signature.parameters) if signature is not None else frozenset()
 
 
-def _new_tokens(config: Any, prompt_len: int) -> int:
+def _new_tokens(model: Any, call: dict[str, Any], config: Any, prompt_len: int) -> int:
+    """New tokens to make, by transformers' rule (``_prepare_generated_length``): ``max_new_tokens``, else
+    ``max_length`` less the prompt, except that a ``max_length`` nobody set means 20 *new* tokens
+    (capped at ``max_position_embeddings``)."""
     if isinstance(config.max_new_tokens, int):
         return config.max_new_tokens
     max_length = config.max_length if isinstance(config.max_length, int) else _DEFAULT_MAX_LENGTH
+    passed = call.get("generation_config")
+    unset = (call.get("max_length") is None and getattr(passed, "max_length", None) is None
+             and getattr(getattr(model, "generation_config", None), "max_length", None) is None)
+    if unset:
+        max_length += prompt_len
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(positions, int):
+            max_length = min(max_length, positions)
     return max_length - prompt_len
 
 
@@ -186,7 +198,7 @@ class DecodeLoop:
         mask = call.get("attention_mask")
         eos = _eos_ids(config)
         pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else None)
-        new_tokens = _new_tokens(config, ids.shape[1])
+        new_tokens = _new_tokens(model, call, config, ids.shape[1])
         if mask is None:  # transformers' inference: pad tokens are padding unless pad is an EOS token
             mask = (ids != pad).long() if pad is not None and pad not in eos and bool((ids == pad).any()) \
                 else torch.ones_like(ids)
@@ -194,7 +206,8 @@ class DecodeLoop:
         if copies > 1:  # transformers' _expand_inputs_for_generation
             ids, mask = ids.repeat_interleave(copies, dim=0), mask.repeat_interleave(copies, dim=0)
         stream = _Stream(call["streamer"], ids) if call.get("streamer") is not None else None
-        stops = _Stops(call["tokenizer"], config.stop_strings, ids) if config.stop_strings is not None else None
+        stops = (_Stops(call["tokenizer"], config.stop_strings, ids, pads=bool(eos))
+                 if config.stop_strings is not None else None)
         try:
             with self._lock, torch.inference_mode():
                 tokens = self._run(model, config, ids, mask, new_tokens=new_tokens, cache_len=cache_len, eos=eos,
@@ -239,7 +252,7 @@ class DecodeLoop:
         selection = Selection(rule, config, ids=ids, mask=mask, vocab=logits.shape[-1], eos=eos,
                               unblock_at=eos_unblock_step(config, prompt_len, eos))
         token = choose(rule, logits, *selection.tensors())
-        eos_t = torch.tensor(eos, device=device) if eos else None
+        eos_t = _eos_tensor(eos, device)
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         if eos_t is not None:
             unfinished = unfinished & ~torch.isin(token, eos_t)
@@ -340,7 +353,7 @@ class _Stream:
             self._call(self.streamer.put, self.prompt.cpu())
         chunk = generated[:, self.sent:upto].cpu()  # one device-to-host copy per burst
         for column in range(chunk.shape[1]):
-            self._call(self.streamer.put, chunk[:, column])
+            self._call(self.streamer.put, chunk[:, column].clone())  # its own tensor, as transformers gives
         self.sent = upto
 
     def end(self) -> None:
@@ -352,6 +365,17 @@ class _Stream:
             method(*args)
         except Exception as exc:
             raise StreamerRaised(exc) from exc
+
+
+def _eos_tensor(eos: list[int], device: Any) -> Any:
+    """The EOS ids on the device, padded (by repeating one) to a fixed width so the count does not
+    make another compiled step; None without EOS."""
+    import torch
+
+    if not eos:
+        return None
+    width = max(len(eos), _EOS_WIDTH)
+    return torch.tensor(eos + [eos[0]] * (width - len(eos)), device=device)
 
 
 def _room_for_step_variants() -> Any:
@@ -367,14 +391,17 @@ class _Stops:
     """Rows that a stop string ends, found on the host every few tokens with transformers' ``StopStringCriteria``.
 
     Each new column is checked against the sequence up to it, as transformers checks after every
-    token; a row that matches at column ``c`` is finished there: its later columns become the pad
-    token, on the device too, and the device stops extending it.
+    token; a row that matches at column ``c`` is finished there. With an EOS token its later
+    columns become the pad token, on the device too, and the device stops extending it; without
+    one, transformers pads nothing (only an EOS criterion turns finished rows into padding), so the
+    row keeps its tokens until every row has finished.
     """
 
-    def __init__(self, tokenizer: Any, stop_strings: Any, prompt: Any) -> None:
+    def __init__(self, tokenizer: Any, stop_strings: Any, prompt: Any, *, pads: bool) -> None:
         from transformers.generation.stopping_criteria import StopStringCriteria
 
         self.criteria = StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
+        self.pads = pads
         self.prompt = prompt.cpu()
         self.checked = 0
         self.at: dict[int, int] = {}  # row -> the column whose token completed a stop string
@@ -392,6 +419,8 @@ class _Stops:
             for row in hits.nonzero()[:, 0].tolist():
                 self.at.setdefault(row, column)  # the first match ends the row (an earlier EOS wins later)
         self.checked = upto
+        if not self.pads:
+            return
         for row, column in self.at.items():
             generated[row, column + 1:] = pad
         if self.at:

@@ -92,12 +92,11 @@ def eos_unblock_step(config: Any, prompt_len: int, eos: list[int]) -> int:
     """The index of the first new token that may be EOS (0: any): ``min_new_tokens`` and ``min_length``."""
     if not eos:
         return 0  # transformers adds neither processor without an EOS token
-    steps = 0
-    if isinstance(config.min_new_tokens, int) and config.min_new_tokens > 0:
-        steps = config.min_new_tokens
-    if isinstance(config.min_length, int) and config.min_length > 0:
-        steps = max(steps, config.min_length - prompt_len)
-    return max(steps, 0)
+    if isinstance(config.min_new_tokens, int):  # it replaces min_length (_prepare_generated_length)
+        return max(config.min_new_tokens, 0)
+    if isinstance(config.min_length, int):
+        return max(config.min_length - prompt_len, 0)
+    return 0
 
 
 def rule_for(config: Any, *, prompt_len: int, eos: list[int]) -> Rule:
@@ -139,7 +138,8 @@ class Selection:
         scalar = functools.partial(torch.tensor, dtype=torch.float32, device=device)
         self.penalty = scalar(float(config.repetition_penalty or 1.0))
         self.temperature = scalar(float(config.temperature or 1.0))
-        self.top_p = scalar(float(config.top_p if config.top_p is not None else 1.0))
+        # 1 - top_p in double, then float32: the threshold transformers' TopPLogitsWarper compares with.
+        self.top_p_floor = scalar(1.0 - float(config.top_p if config.top_p is not None else 1.0))
         self.min_p = scalar(float(config.min_p if config.min_p is not None else 0.0))
         self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
         if eos:
@@ -156,7 +156,8 @@ class Selection:
 
     def tensors(self) -> tuple[Any, ...]:
         """The state as step arguments (graph inputs), in :func:`choose`'s order."""
-        return (self.seen, self.eos_mask, self.eos_blocked, self.penalty, self.temperature, self.top_p, self.min_p)
+        return (self.seen, self.eos_mask, self.eos_blocked, self.penalty, self.temperature, self.top_p_floor,
+                self.min_p)
 
     def after_token(self, index: int, token: Any) -> None:
         """Record the token chosen at new-token ``index`` (batch, 1), after pad substitution."""
@@ -181,7 +182,7 @@ def choose(rule: Rule, logits: Any, *state: Any) -> Any:
 
 
 def processed_scores(rule: Rule, logits: Any, seen: Any, eos_mask: Any, eos_blocked: Any, penalty: Any,
-                     temperature: Any, top_p: Any, min_p: Any) -> Any:
+                     temperature: Any, top_p_floor: Any, min_p: Any) -> Any:
     """The float32 scores after transformers' processors for ``rule``, in transformers' order.
 
     The arguments after ``logits`` are :meth:`Selection.tensors`.
@@ -190,21 +191,21 @@ def processed_scores(rule: Rule, logits: Any, seen: Any, eos_mask: Any, eos_bloc
 
     scores = logits.float()
     if rule.penalty:  # RepetitionPenaltyLogitsProcessor
-        penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+        penalized = torch.where(scores < 0, scores * penalty, _divide(scores, penalty))
         scores = torch.where(seen[:, : scores.shape[-1]], penalized, scores)
     if rule.eos_floor:  # MinLengthLogitsProcessor / MinNewTokensLengthLogitsProcessor
         scores = torch.where(eos_mask & eos_blocked, -math.inf, scores)
     if not rule.sample:
         return scores
     if rule.temperature:  # TemperatureLogitsWarper
-        scores = scores / temperature
+        scores = _divide(scores, temperature)
     if rule.top_k:  # TopKLogitsWarper
         k = min(rule.top_k, scores.shape[-1])
         scores = scores.masked_fill(scores < torch.topk(scores, k)[0][..., -1, None], -math.inf)
     if rule.top_p:  # TopPLogitsWarper
         sorted_logits, sorted_indices = torch.sort(scores, descending=False)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove_sorted = cumulative <= (1 - top_p)
+        remove_sorted = cumulative <= top_p_floor
         remove_sorted[..., -1:] = False  # min_tokens_to_keep = 1
         scores = scores.masked_fill(remove_sorted.scatter(1, sorted_indices, remove_sorted), -math.inf)
     if rule.min_p:  # MinPLogitsWarper
@@ -216,6 +217,12 @@ def processed_scores(rule: Rule, logits: Any, seen: Any, eos_mask: Any, eos_bloc
 
 
 # -- helpers ------------------------------------------------------------------------
+
+def _divide(scores: Any, divisor: Any) -> Any:
+    """``scores / divisor`` as transformers gets it dividing by a Python float: on CUDA, ATen divides by a
+    host scalar as a multiplication by its float32 reciprocal; on the CPU it divides."""
+    return scores * divisor.reciprocal() if scores.is_cuda else scores / divisor
+
 
 def _invalid(config: Any) -> str | None:
     """A sampling value transformers' own warpers reject (their loop raises the error), or None."""
