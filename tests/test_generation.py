@@ -844,3 +844,19 @@ def test_stop_strings_end_rows_where_transformers_ends_them(tiny_model_factory) 
     plain.generation_config.eos_token_id = model.generation_config.eos_token_id = None
     ref = run(plain, do_sample=False, stop_strings=words[0])
     assert torch.equal(run(model, do_sample=False, stop_strings=words[0]), ref) and _loop_ran(model)
+
+
+def test_token_choice_in_cuda_graphs_waits_for_its_gpu_test(fresh_llama, monkeypatch) -> None:
+    """Until CHOICE_IN_CUDA_GRAPHS is on, a compiled step on CUDA takes only the plain argmax: sampled
+    and penalized calls there go to transformers' loop with the reason; greedy and CPU calls do not."""
+    from transformers_fastpath.passes.generation import decode_loop
+
+    ids, mask = prompts()
+    call = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 4, "pad_token_id": PAD}
+    assert decode_loop.cuda_graph_reason(fresh_llama, {**call, "do_sample": True}) is None  # on the CPU
+    monkeypatch.setattr(type(fresh_llama), "device", property(lambda self: torch.device("cuda")))
+    assert decode_loop.cuda_graph_reason(fresh_llama, call) is None
+    assert "await their GPU test" in decode_loop.cuda_graph_reason(fresh_llama, {**call, "do_sample": True})
+    assert "await their GPU test" in decode_loop.cuda_graph_reason(fresh_llama, {**call, "repetition_penalty": 1.2})
+    monkeypatch.setattr(decode_loop, "CHOICE_IN_CUDA_GRAPHS", True)
+    assert decode_loop.cuda_graph_reason(fresh_llama, {**call, "do_sample": True}) is None

@@ -362,15 +362,17 @@ def test_small_batches_replay_cuda_graphs(tiny_model_factory, dtype: str) -> Non
 # -- the lean decode loop's token choice, compiled with CUDA graphs ---------------------------------
 
 @gpu
-def test_compiled_decode_loop_decodes_every_mode_on_the_gpu() -> None:
+def test_compiled_decode_loop_decodes_every_mode_on_the_gpu(monkeypatch) -> None:
     """The compiled step (reduce-overhead: CUDA graphs) on a tiny float32 Llama: greedy, repetition
     penalty and min_new_tokens give transformers' tokens; top_k = 1 sampling is the argmax; seeded
     sampling repeats itself; every sampled token lies in transformers' own top-k of its context; and
     the token frequencies match transformers' sampling (total variation below 0.1 over 2,048 rows)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from transformers_fastpath.passes.generation import STATIC_PASS
+    from transformers_fastpath.passes.generation import STATIC_PASS, decode_loop
     from transformers_fastpath.passes.instance_methods import get_layer
+
+    monkeypatch.setattr(decode_loop, "CHOICE_IN_CUDA_GRAPHS", True)  # what this test is to verify
 
     config = LlamaConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,

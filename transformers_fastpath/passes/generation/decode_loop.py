@@ -32,7 +32,8 @@ from ..instance_methods import method_signature
 from ..sdpa_backends import compiled_step_scope
 from .selection import Rule, Selection, choose, eos_unblock_step, rule_for, unsupported_setting
 
-__all__ = ["STREAM_EVERY", "SYNC_EVERY", "DecodeLoop", "StreamerRaised", "StreamedFailure", "ineligible"]
+__all__ = ["CHOICE_IN_CUDA_GRAPHS", "STREAM_EVERY", "SYNC_EVERY", "DecodeLoop", "StreamerRaised", "StreamedFailure",
+           "cuda_graph_reason", "ineligible"]
 
 SYNC_EVERY = 16  # tokens between host checks for "every row has finished"
 STREAM_EVERY = 4  # ... and between deliveries to a streamer or stop-string checks
@@ -40,6 +41,12 @@ STREAM_EVERY = 4  # ... and between deliveries to a streamer or stop-string chec
 # limit of 8 compiled variants per function would run the ninth uncompiled.
 _STEP_VARIANTS = 64
 _EOS_WIDTH = 8  # EOS id lists up to this long share one compiled step
+# Whether token-choice rules other than the plain argmax (sampling, penalties, minimum lengths) run in
+# the compiled step on CUDA, where it is replayed as a CUDA graph. Off until tests/test_gpu.py's
+# test_compiled_decode_loop_decodes_every_mode_on_the_gpu has passed on a GPU: its one run so far
+# (2026-12-07, H100) failed before the review fixes, and no GPU time was left to see why. Such calls
+# take transformers' loop on CUDA meanwhile (as before); CPU and uncompiled runs are tested.
+CHOICE_IN_CUDA_GRAPHS = False
 
 # generate() arguments other than generation settings; any of them set sends the call to transformers.
 _CALL_ARGUMENTS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
@@ -129,6 +136,20 @@ def ineligible(model: Any, call: dict[str, Any]) -> str | None:
     if _new_tokens(model, call, config, ids.shape[1]) < 1:
         return "no new tokens requested"
     return None
+
+
+def cuda_graph_reason(model: Any, call: dict[str, Any]) -> str | None:
+    """Why a call :func:`ineligible` accepted still takes transformers' loop when the step is compiled on
+    CUDA (see :data:`CHOICE_IN_CUDA_GRAPHS`), or None."""
+    if CHOICE_IN_CUDA_GRAPHS or getattr(getattr(model, "device", None), "type", "cpu") != "cuda":
+        return None
+    config, _ = _effective_config(model, call)
+    ids = call.get("input_ids", call.get("inputs"))
+    rule = rule_for(config, prompt_len=ids.shape[1], eos=_eos_ids(config))
+    if rule.greedy_only:
+        return None
+    return ("sampling, penalties and minimum lengths in the compiled CUDA-graph step await their GPU test "
+            "(CHOICE_IN_CUDA_GRAPHS is off)")
 
 
 def _forward_parameters(model: Any) -> frozenset[str]:
