@@ -156,7 +156,7 @@ def measure_generate(bench: Bench, setup: Setup, models: dict[str, Any],
             check = (_sampled_check(setup, settings, reference) if sampled
                      else make_check(ids, mask, dtypes, reference))
             live = {k: m for k, m in models.items() if bench.wanted(k)}
-            bench.measure("batch {}".format(batch) if mode == "greedy" else f"{mode}, batch {batch}",
+            bench.measure(f"batch {batch}" if mode == "greedy" else f"{mode}, batch {batch}",
                           {k: _variant(m, ids.to(m.device), mask.to(m.device), setup.new_tokens, settings)
                            for k, m in live.items()},
                           check=check,
