@@ -174,7 +174,6 @@ def _sampled_check(setup: Setup, settings: dict[str, Any],
     ``new_tokens`` tokens per row, and each row's first new token (same prompt, same logits up to
     rounding) lies inside the reference's filtered distribution, here its top-p 0.95 nucleus at the
     mode's temperature (a slack of 0.05 over the mode's 0.9 for half-precision rounding)."""
-    import torch
 
     def check(variant: str, default_out: Any, out: Any) -> dict[str, Any]:
         _, logits = reference()
