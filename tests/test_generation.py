@@ -765,10 +765,10 @@ def test_a_loop_failure_after_streaming_is_not_rerun(fresh_llama, monkeypatch) -
     fp.apply(model, LOOP, hardware=CPU)
     original = selection.Selection.after_token
 
-    def failing(self, index, token):
+    def failing(self, index, token, valid=None):
         if index == 6:
             raise RuntimeError("simulated device failure")
-        return original(self, index, token)
+        return original(self, index, token, valid)
 
     monkeypatch.setattr(selection.Selection, "after_token", failing)
     streamer = _Collect()
@@ -860,3 +860,31 @@ def test_token_choice_in_cuda_graphs_waits_for_its_gpu_test(fresh_llama, monkeyp
     assert "await their GPU test" in decode_loop.cuda_graph_reason(fresh_llama, {**call, "repetition_penalty": 1.2})
     monkeypatch.setattr(decode_loop, "CHOICE_IN_CUDA_GRAPHS", True)
     assert decode_loop.cuda_graph_reason(fresh_llama, {**call, "do_sample": True}) is None
+
+
+def test_non_finite_logits_fail_sampling_as_in_transformers(fresh_llama) -> None:
+    """torch.multinomial raises on inf/NaN probabilities; the loop's draw (no multinomial) checks the
+    same condition on the device and raises at its next host sync; the caller gets transformers'
+    error (the re-run in transformers' loop raises it too) and the loop stays on."""
+    from transformers_fastpath.passes.generation.selection import Rule, Selection, choose
+
+    rule = Rule(sample=True)
+    ids = torch.tensor([[5, 6]])
+    selection = Selection(rule, GenerationConfig(do_sample=True), ids=ids, mask=torch.ones_like(ids), vocab=4,
+                          eos=[], unblock_at=0)
+    token, valid = choose(rule, torch.tensor([[0.0, 1.0, 2.0, 3.0]]), *selection.tensors())
+    selection.after_token(0, token[:, None], valid)
+    selection.check()  # finite: fine
+    token, valid = choose(rule, torch.tensor([[0.0, float("nan"), 2.0, 3.0]]), *selection.tensors())
+    selection.after_token(1, token[:, None], valid)
+    with pytest.raises(RuntimeError, match="probability tensor contains either"):
+        selection.check()
+
+    model = fresh_llama
+    prompt, mask = prompts()
+    fp.apply(model, LOOP, hardware=CPU)
+    with torch.no_grad():
+        model.lm_head.weight[7] = float("nan")
+    with pytest.raises(RuntimeError, match="probability tensor contains either"):
+        _sampled(model, prompt, mask, 0)
+    assert _runtime(model).decode_loop

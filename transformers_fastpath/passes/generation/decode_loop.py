@@ -272,7 +272,7 @@ class DecodeLoop:
         rule = rule_for(config, prompt_len=prompt_len, eos=eos)
         selection = Selection(rule, config, ids=ids, mask=mask, vocab=logits.shape[-1], eos=eos,
                               unblock_at=eos_unblock_step(config, prompt_len, eos))
-        token = choose(rule, logits, *selection.tensors())
+        token, valid = choose(rule, logits, *selection.tensors())
         eos_t = _eos_tensor(eos, device)
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         if eos_t is not None:
@@ -281,7 +281,7 @@ class DecodeLoop:
         generated[:, 0] = token
         position = positions[:, -1:] + 1
         token = token[:, None]
-        selection.after_token(0, token)
+        selection.after_token(0, token, valid)
         step = self._step(model, rule, cache_arg, takes_positions, compile)
         step_scope = compiled_step_scope(model) if compile else contextlib.nullcontext
         pad_t = torch.tensor(pad if pad is not None else 0, device=device)
@@ -303,8 +303,9 @@ class DecodeLoop:
                 for buffer, value in zip((token, position, unfinished), outputs):
                     buffer.copy_(value)
                 generated[:, i] = token[:, 0]
-                selection.after_token(i, token)
+                selection.after_token(i, token, outputs[3] if rule.sample else None)
                 if i % check_every == 0:
+                    selection.check()
                     if stops is not None:
                         stops.scan(generated, i + 1, unfinished, pad_t)
                     done = can_finish and not bool(unfinished.any())
@@ -312,6 +313,7 @@ class DecodeLoop:
                         stream.send(generated, _finished_length(generated, eos_t, stops) if done else i + 1)
                     if done:
                         break
+        selection.check()
         if stops is not None:
             stops.scan(generated, generated.shape[1], unfinished, pad_t)
         if can_finish:
@@ -333,17 +335,19 @@ class DecodeLoop:
     def _step(self, model: Any, rule: Rule, cache_arg: str, takes_positions: bool,
               compile: bool) -> Callable[..., Any]:
         def decode_one_token(model: Any, cache: Any, token: Any, position: Any, cache_position: Any, mask: Any,
-                             unfinished: Any, eos: Any, pad: Any, *state: Any) -> tuple[Any, Any, Any]:
+                             unfinished: Any, eos: Any, pad: Any, *state: Any) -> tuple[Any, ...]:
             import torch
 
             kwargs = {"position_ids": position} if takes_positions else {}
             out = model(input_ids=token, attention_mask=mask, cache_position=cache_position, use_cache=True,
                         **{cache_arg: cache}, **kwargs)
-            nxt = choose(rule, out.logits[:, -1, :], *state)
+            nxt, valid = choose(rule, out.logits[:, -1, :], *state)
             if eos is not None:
                 nxt = torch.where(unfinished, nxt, pad)
                 unfinished = unfinished & ~torch.isin(nxt, eos)
-            return nxt[:, None], position + 1, unfinished
+            if valid is None:
+                return nxt[:, None], position + 1, unfinished
+            return nxt[:, None], position + 1, unfinished, valid
 
         if not compile:
             return decode_one_token

@@ -145,6 +145,7 @@ class Selection:
         if eos:
             self.eos_mask[torch.tensor([e for e in eos if 0 <= e < vocab], dtype=torch.long, device=device)] = True
         self.eos_blocked = torch.tensor(unblock_at > 0, device=device)
+        self.valid = torch.tensor(True, device=device)  # every sampled distribution so far was valid
         self.seen = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=device)
         if rule.penalty:
             counted = ids.clamp(max=vocab)  # ids outside the logits land in the extra column, as in transformers
@@ -159,26 +160,39 @@ class Selection:
         return (self.seen, self.eos_mask, self.eos_blocked, self.penalty, self.temperature, self.top_p_floor,
                 self.min_p)
 
-    def after_token(self, index: int, token: Any) -> None:
-        """Record the token chosen at new-token ``index`` (batch, 1), after pad substitution."""
+    def after_token(self, index: int, token: Any, valid: Any = None) -> None:
+        """Record the token chosen at new-token ``index`` (batch, 1), after pad substitution, and the
+        validity flag :func:`choose` gave with it."""
+        if valid is not None:
+            self.valid &= valid
         if self.rule.penalty:
             self.seen.scatter_(1, token, True)
         if self.rule.eos_floor and index + 1 == self.unblock_at:
             self.eos_blocked.fill_(False)
 
+    def check(self) -> None:
+        """Raise as ``torch.multinomial`` does if a sampled distribution was not valid (a host sync)."""
+        if self.rule.sample and not bool(self.valid):
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0 "
+                               "(the lean decode loop's sampling; the logits were not finite)")
 
-def choose(rule: Rule, logits: Any, *state: Any) -> Any:
-    """The next token per row (batch,) from the last position's ``logits`` (batch, vocab).
 
-    Pure tensor code of fixed shapes, so it compiles into the decode step's graph.
+def choose(rule: Rule, logits: Any, *state: Any) -> tuple[Any, Any]:
+    """The next token per row (batch,) from the last position's ``logits`` (batch, vocab), and, when
+    sampling, a 0-dim bool: whether the probabilities were valid (None for greedy).
+
+    Pure tensor code of fixed shapes, so it compiles into the decode step's graph. The validity
+    flag is ``torch.multinomial``'s own input check (no inf or NaN, nothing negative), left on the
+    device for the host to read at its next sync (:meth:`Selection.check`).
     """
     import torch
 
     scores = processed_scores(rule, logits, *state)
     if not rule.sample:
-        return scores.argmax(-1)
+        return scores.argmax(-1), None
     probs = torch.softmax(scores, dim=-1)
-    return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)  # = torch.multinomial(probs, 1)
+    valid = (probs.max() < math.inf) & (probs.min() >= 0)
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1), valid  # = torch.multinomial(probs, 1)
 
 
 def processed_scores(rule: Rule, logits: Any, seen: Any, eos_mask: Any, eos_blocked: Any, penalty: Any,
