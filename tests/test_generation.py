@@ -888,3 +888,39 @@ def test_non_finite_logits_fail_sampling_as_in_transformers(fresh_llama) -> None
     with pytest.raises(RuntimeError, match="probability tensor contains either"):
         _sampled(model, prompt, mask, 0)
     assert _runtime(model).decode_loop
+
+
+# -- many prompts ---------------------------------------------------------------------------------
+
+def test_generate_many_keeps_the_callers_order_and_each_prompts_tokens() -> None:
+    """Prompts of lengths 1-30 in a shuffled order, batches of 4 after sorting by length: each result
+    is that prompt alone through plain transformers' greedy generate (float32), EOS cuts included,
+    in the caller's order; the batches ran the lean loop."""
+    plain = build("llama")
+    model = build("llama")
+    fp.apply(model, LOOP, hardware=CPU)
+    gen = torch.Generator().manual_seed(5)
+    lengths = [int(n) for n in torch.randint(1, 31, (11,), generator=gen)]
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen) for n in lengths]
+    free = [greedy(plain, p[None], eos_token_id=VOCAB + 1)[0] for p in prompts]
+    eos = [int(free[0][lengths[0] + 3]), int(free[5][lengths[5] + 1])]  # two prompts end early
+    refs = [greedy(plain, p[None], eos_token_id=eos)[0] for p in prompts]
+    assert any(len(r) < len(f) for r, f in zip(refs, free))
+    out = fp.generate_many(model, [p.tolist() if i % 2 else p for i, p in enumerate(prompts)], batch_size=4,
+                           max_new_tokens=12, do_sample=False, pad_token_id=PAD, eos_token_id=eos)
+    assert len(out) == len(prompts)
+    for got, ref in zip(out, refs):
+        assert torch.equal(got, ref)
+    assert _loop_ran(model)
+
+
+def test_generate_many_rejects_what_it_cannot_do(llama) -> None:
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        fp.generate_many(llama, [[5]], batch_size=0)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        fp.generate_many(llama, [[5], []])
+    with pytest.raises(ValueError, match="num_return_sequences = 2 is not supported"):
+        fp.generate_many(llama, [[5]], num_return_sequences=2, do_sample=True)
+    with pytest.raises(ValueError, match="attention_mask= is built from the prompts"):
+        fp.generate_many(llama, [[5]], attention_mask=torch.ones(1, 1))
+    assert fp.generate_many(llama, []) == []

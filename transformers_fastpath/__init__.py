@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from .planning.plan import Decision, PassStatus, Plan
     from .planning.policy import Policy, load_policy
     from .planning.resolution import resolve
+    from .generate_many import generate_many
     from .trainer import FastpathCallback
 
 _LAZY: dict[str, str] = {
@@ -79,6 +80,7 @@ _LAZY: dict[str, str] = {
     "pipeline": "api",
     "hookimpl": "hookspecs",
     "FastpathCallback": "trainer",
+    "generate_many": "generate_many",
 }
 
 __all__ = ["__version__", *_LAZY]
