@@ -444,12 +444,12 @@ class _Stops:
             for row in hits.nonzero()[:, 0].tolist():
                 self.at.setdefault(row, column)  # the first match ends the row (an earlier EOS wins later)
         self.checked = upto
-        if not self.pads:
+        if not self.at:
             return
-        for row, column in self.at.items():
-            generated[row, column + 1:] = pad
-        if self.at:
-            unfinished[list(self.at)] = False
+        unfinished[list(self.at)] = False  # all rows stopped: the loop ends (without EOS the step ignores it)
+        if self.pads:
+            for row, column in self.at.items():
+                generated[row, column + 1:] = pad
 
 
 def _finished_length(generated: Any, eos: Any, stops: _Stops | None = None) -> int:
