@@ -19,6 +19,7 @@ def _registry() -> dict[str, Workload]:
         encoder_padded,
         feature_extraction,
         generate,
+        generate_many,
         multi_gpu_pipeline,
         pipeline_text_classification,
         quantized_generate,
@@ -26,7 +27,7 @@ def _registry() -> dict[str, Workload]:
     )
 
     modules = (feature_extraction, encoder_latency, encoder_padded, pipeline_text_classification, generate,
-               quantized_generate, trainer_step, multi_gpu_pipeline)
+               generate_many, quantized_generate, trainer_step, multi_gpu_pipeline)
     return {m.WORKLOAD.name: m.WORKLOAD for m in modules}
 
 

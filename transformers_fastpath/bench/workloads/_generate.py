@@ -10,7 +10,8 @@ from ..models import LLAMA_085B, LLAMA_SMALL, LLAMA_TINY, llama_checkpoint, quie
 from ..runner import Bench, Sample, Variant, sync
 from ._common import dtype_name, enable_fastpath_kwarg
 
-__all__ = ["MODES", "Setup", "generate_call", "llama_setup", "load_causal", "measure_generate"]
+__all__ = ["MODES", "Setup", "build_causal_variants", "generate_call", "llama_setup", "load_causal",
+           "measure_generate"]
 
 # Decoding modes: generate() settings on top of max_new_tokens and pad_token_id. The checkpoints have
 # no EOS token, so min_new_tokens names one (id 2) and blocks it for every new token: all modes make
@@ -79,6 +80,32 @@ def load_causal(path: str, device: str, *, fastpath: Any, **kwargs: Any) -> Any:
     if next(model.parameters()).device.type != device.split(":")[0]:
         model.to(device)
     return model
+
+
+def build_causal_variants(bench: Bench, setup: Setup) -> dict[str, Any]:
+    """The four models of a generate workload, each as its user makes it (None where omitted or failed):
+    ``default`` (no settings, moved by hand), ``expert`` (half precision on a GPU, SDPA), ``compile``
+    (expert + transformers' static-cache recipe) and ``fastpath`` (``from_pretrained(..., fastpath=True)``)."""
+    import torch
+
+    device = bench.device
+    half = torch.bfloat16 if bench.on_gpu else torch.float32
+    placed: dict[str, Any] = {"device_map": {"": device}} if bench.on_gpu else {}
+
+    def expert() -> Any:
+        return load_causal(setup.path, device, fastpath=False, dtype=half, attn_implementation="sdpa", **placed)
+
+    def compiled() -> Any:
+        model = expert()
+        model.generation_config.cache_implementation = "static"
+        return model
+
+    return {
+        "default": bench.build("default", lambda: load_causal(setup.path, device, fastpath=False)),
+        "expert": bench.build("expert", expert),
+        "compile": bench.build("compile", compiled),
+        "fastpath": bench.build("fastpath", lambda: load_causal(setup.path, device, fastpath=True)),
+    }
 
 
 def generate_call(model: Any, ids: Any, mask: Any, new_tokens: int, **extra: Any) -> Any:

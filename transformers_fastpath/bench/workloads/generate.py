@@ -15,7 +15,7 @@ from typing import Any
 from ..checks import compare_greedy, is_half
 from ..runner import Bench
 from ._common import plan_summary
-from ._generate import MODES, llama_setup, load_causal, measure_generate
+from ._generate import MODES, build_causal_variants, llama_setup, measure_generate
 from ._workload import Workload
 
 
@@ -43,18 +43,7 @@ def run(bench: Bench) -> None:
         bench.omit("compile", "transformers compiles generate only on accelerators (its auto-compile criteria); "
                               "on a CPU the static cache stays uncompiled")
 
-    def compiled() -> Any:
-        model = load_causal(setup.path, device, fastpath=False, dtype=half, attn_implementation="sdpa", **placed)
-        model.generation_config.cache_implementation = "static"
-        return model
-
-    models = {
-        "default": bench.build("default", lambda: load_causal(setup.path, device, fastpath=False)),
-        "expert": bench.build("expert", lambda: load_causal(setup.path, device, fastpath=False, dtype=half,
-                                                            attn_implementation="sdpa", **placed)),
-        "compile": bench.build("compile", compiled),
-        "fastpath": bench.build("fastpath", lambda: load_causal(setup.path, device, fastpath=True)),
-    }
+    models = build_causal_variants(bench, setup)
     bench.config.update(setup.config())
     if models["fastpath"] is not None:
         bench.config["fastpath_plan"] = plan_summary(models["fastpath"])
