@@ -853,13 +853,14 @@ def test_token_choice_in_cuda_graphs_waits_for_its_gpu_test(fresh_llama, monkeyp
 
     ids, mask = prompts()
     call = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 4, "pad_token_id": PAD}
-    assert decode_loop.cuda_graph_reason(fresh_llama, {**call, "do_sample": True}) is None  # on the CPU
+    assert decode_loop.ineligible(fresh_llama, {**call, "do_sample": True}, compiled=True) is None  # on the CPU
     monkeypatch.setattr(type(fresh_llama), "device", property(lambda self: torch.device("cuda")))
-    assert decode_loop.cuda_graph_reason(fresh_llama, call) is None
-    assert "await their GPU test" in decode_loop.cuda_graph_reason(fresh_llama, {**call, "do_sample": True})
-    assert "await their GPU test" in decode_loop.cuda_graph_reason(fresh_llama, {**call, "repetition_penalty": 1.2})
+    assert decode_loop.ineligible(fresh_llama, call, compiled=True) is None
+    assert "await their GPU test" in decode_loop.ineligible(fresh_llama, {**call, "do_sample": True}, compiled=True)
+    assert "await their GPU test" in decode_loop.ineligible(fresh_llama, {**call, "repetition_penalty": 1.2},
+                                                            compiled=True)
     monkeypatch.setattr(decode_loop, "CHOICE_IN_CUDA_GRAPHS", True)
-    assert decode_loop.cuda_graph_reason(fresh_llama, {**call, "do_sample": True}) is None
+    assert decode_loop.ineligible(fresh_llama, {**call, "do_sample": True}, compiled=True) is None
 
 
 def test_non_finite_logits_fail_sampling_as_in_transformers(fresh_llama) -> None:

@@ -33,7 +33,7 @@ from ..sdpa_backends import compiled_step_scope
 from .selection import Rule, Selection, choose, eos_unblock_step, rule_for, unsupported_setting
 
 __all__ = ["CHOICE_IN_CUDA_GRAPHS", "STREAM_EVERY", "SYNC_EVERY", "DecodeLoop", "StreamerRaised", "StreamedFailure",
-           "cuda_graph_reason", "ineligible"]
+           "ineligible"]
 
 SYNC_EVERY = 16  # tokens between host checks for "every row has finished"
 STREAM_EVERY = 4  # ... and between deliveries to a streamer or stop-string checks
@@ -99,8 +99,12 @@ class StreamerRaised(Exception):
         self.original = original
 
 
-def ineligible(model: Any, call: dict[str, Any]) -> str | None:
-    """Why this ``generate`` call needs transformers' loop, or None when the lean loop decodes it as transformers would."""
+def ineligible(model: Any, call: dict[str, Any], *, compiled: bool = False) -> str | None:
+    """Why this ``generate`` call needs transformers' loop, or None when the lean loop decodes it as transformers would.
+
+    ``compiled``: the step will be compiled; on CUDA that also holds the token choice to the plain
+    argmax while :data:`CHOICE_IN_CUDA_GRAPHS` is off.
+    """
     if getattr(model.config, "is_encoder_decoder", False):
         return "encoder-decoder model"
     passed = next((name for name in _CALL_ARGUMENTS if call.get(name) is not None), None)
@@ -135,21 +139,12 @@ def ineligible(model: Any, call: dict[str, Any]) -> str | None:
         return f"{type(model).__name__}.forward takes no cache argument"
     if _new_tokens(model, call, config, ids.shape[1]) < 1:
         return "no new tokens requested"
+    on_cuda = getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
+    if compiled and on_cuda and not CHOICE_IN_CUDA_GRAPHS \
+            and not rule_for(config, prompt_len=ids.shape[1], eos=_eos_ids(config)).greedy_only:
+        return ("sampling, penalties and minimum lengths in the compiled CUDA-graph step await their GPU test "
+                "(CHOICE_IN_CUDA_GRAPHS is off)")
     return None
-
-
-def cuda_graph_reason(model: Any, call: dict[str, Any]) -> str | None:
-    """Why a call :func:`ineligible` accepted still takes transformers' loop when the step is compiled on
-    CUDA (see :data:`CHOICE_IN_CUDA_GRAPHS`), or None."""
-    if CHOICE_IN_CUDA_GRAPHS or getattr(getattr(model, "device", None), "type", "cpu") != "cuda":
-        return None
-    config, _ = _effective_config(model, call)
-    ids = call.get("input_ids", call.get("inputs"))
-    rule = rule_for(config, prompt_len=ids.shape[1], eos=_eos_ids(config))
-    if rule.greedy_only:
-        return None
-    return ("sampling, penalties and minimum lengths in the compiled CUDA-graph step await their GPU test "
-            "(CHOICE_IN_CUDA_GRAPHS is off)")
 
 
 def _forward_parameters(model: Any) -> frozenset[str]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import PassSkipped, StrictModeError
 from ..instance_methods import add_layer, get_layer, remove_layer
-from .decode_loop import DecodeLoop, StreamedFailure, StreamerRaised, cuda_graph_reason, ineligible
+from .decode_loop import DecodeLoop, StreamedFailure, StreamerRaised, ineligible
 from .request import GenerateRequest, apply_updates, bind_generate_call, plan_request
 
 if TYPE_CHECKING:
@@ -172,9 +172,7 @@ class FastGenerate:
         elif self.compile_error is not None:
             reason = "compilation failed on this model"
         else:
-            reason = ineligible(model, call)
-            if reason is None and request.compiles:
-                reason = cuda_graph_reason(model, call)
+            reason = ineligible(model, call, compiled=request.compiles)
         self.last_loop_reason = reason
         if reason is not None and self.decode_loop and reason not in self._dynamic_reasons:
             self._dynamic_reasons.add(reason)
