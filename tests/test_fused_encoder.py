@@ -227,8 +227,8 @@ def test_text_families_match(model_type: str, impl: str) -> None:
 def test_vision_families_match(model_type: str, impl: str) -> None:
     config = vision_config(model_type)
     model = build(config, impl, head="AutoModelForImageClassification")
-    # The default route on CPU leaves big unpadded batches to the original forward; force the
-    # fused op here, and check "auto" separately below.
+    # The default route on CPU takes unpadded batches above 16 tokens packed (oneDNN linear layers);
+    # force the fused op here, and check "auto" separately below.
     fast = converted_copy(model, route="dense")
     inputs = vision_inputs()
     torch.testing.assert_close(run(fast, inputs).logits, run(model, inputs).logits, atol=ATOL, rtol=0)
@@ -238,7 +238,7 @@ def test_vision_families_match(model_type: str, impl: str) -> None:
 
     auto = converted_copy(model)
     torch.testing.assert_close(run(auto, inputs).logits, run(model, inputs).logits, atol=ATOL, rtol=0)
-    assert set(runtime_of(auto).stats) <= {"dense", "original: the original forward is faster for this shape"}
+    assert set(runtime_of(auto).stats) == {"packed"}
 
 
 @pytest.mark.parametrize("route", ["dense", "nested", "packed"])
@@ -293,13 +293,17 @@ def test_padded_beyond_the_longest_row(route: str) -> None:
 
 @pytest.mark.parametrize("lengths", [(6, 6, 6), (1,), (1, 1)])
 def test_unpadded_and_single_token_batches(lengths: tuple[int, ...]) -> None:
+    """Every route computes unpadded batches (nested has nothing to skip: dense runs); auto picks
+    packed above 16 tokens on a CPU."""
     config = text_config("bert")
     model = build(config)
-    fast = converted_copy(model)
     inputs = text_inputs(config, lengths=lengths)
-    torch.testing.assert_close(run(fast, inputs).last_hidden_state, run(model, inputs).last_hidden_state,
-                               atol=ATOL, rtol=0)
-    assert set(runtime_of(fast).stats) == {"dense"}
+    ref = run(model, inputs).last_hidden_state
+    for route, taken in (("auto", "packed" if sum(lengths) > 16 else "dense"), ("dense", "dense"),
+                         ("nested", "dense"), ("packed", "packed")):
+        fast = converted_copy(model, route=route)
+        torch.testing.assert_close(run(fast, inputs).last_hidden_state, ref, atol=ATOL, rtol=0)
+        assert set(runtime_of(fast).stats) == {taken}, route
 
 
 def test_cache_qkv_follows_in_place_updates() -> None:
@@ -370,6 +374,58 @@ def test_packed_route_varlen_attention(monkeypatch: pytest.MonkeyPatch, left: bo
         assert calls == [([0, 5, 7, 14], [0, 4, 5, 11], 7, 6)] * LAYERS
     else:
         assert calls == [([0, 4, 5, 11], [0, 4, 5, 11], 6, 6)] * LAYERS
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_packed_route_cpu_attention_runs_one_call_per_length(monkeypatch: pytest.MonkeyPatch, left: bool) -> None:
+    """On a CPU the packed route's attention groups sequences by (queries, keys) and runs each group
+    unmasked on exactly its tokens: one group per distinct length (a left-padded row has one more
+    query, its pad at position 0), and the result is the unconverted model's."""
+    from transformers_fastpath.passes.fused_encoder import routes
+
+    made: list[list[tuple[int, int, int]]] = []
+
+    class Recorded(routes._EqualLengthGroups):
+        def __init__(self, q_lens: list[int], k_lens: list[int]) -> None:
+            super().__init__(q_lens, k_lens)
+            made.append(sorted((n, q, k) for n, q, k, _, _ in self.groups))
+
+    monkeypatch.setattr(routes, "_EqualLengthGroups", Recorded)
+    config = text_config("bert")
+    model = build(config)
+    fast = converted_copy(model, route="packed")
+    lengths = (5, 3, 9, 5, 1, 3, 5)
+    inputs = text_inputs(config, lengths=lengths, left=left)
+    keep = inputs["attention_mask"].bool()
+    out, ref = run(fast, inputs), run(model, inputs)
+    torch.testing.assert_close(out.last_hidden_state[keep], ref.last_hidden_state[keep], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=ATOL, rtol=0)
+    extra = 1 if left else 0  # the full row (9) has no pad at position 0
+    assert made == [sorted([(1, 1 + extra, 1), (2, 3 + extra, 3), (3, 5 + extra, 5), (1, 9, 9)])]
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_packed_route_cpu_linear_layers_run_in_onednn(monkeypatch: pytest.MonkeyPatch, act: str) -> None:
+    """On a float32 CPU the packed route's linear layers are oneDNN's (the FFN's GELU or ReLU fused
+    into its first product); the result is the unconverted model's, as it is with ``F.linear``."""
+    from transformers_fastpath.passes.fused_encoder import routes
+
+    assert routes.use_onednn_linear(torch.zeros(2, HIDDEN))  # torch's CPU builds ship oneDNN
+    assert not routes.use_onednn_linear(torch.zeros(2, HIDDEN, dtype=torch.bfloat16))
+    config = text_config("bert", hidden_act=act)
+    model = build(config, head="AutoModelForSequenceClassification")
+    fast = converted_copy(model, route="packed")
+    calls: list[str] = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(routes, "_onednn_linear", lambda x, w, b: calls.append("none") or real(x, w, b, "none", [], ""))
+    for left in (False, True):
+        inputs = text_inputs(config, left=left)
+        torch.testing.assert_close(run(fast, inputs).logits, run(model, inputs).logits, atol=ATOL, rtol=0)
+    assert len(calls) == 2 * LAYERS * 5  # q, k, v, out, FFN out (the FFN in carries its activation)
+    monkeypatch.setattr(routes, "use_onednn_linear", lambda x: False)
+    inputs = text_inputs(config)
+    torch.testing.assert_close(run(fast, inputs).logits, run(model, inputs).logits, atol=ATOL, rtol=0)
+    assert len(calls) == 2 * LAYERS * 5
 
 
 # -- fallbacks: bit-identical to the original forward -----------------------------------------

@@ -6,9 +6,8 @@ A deliberately small rule with one row of thresholds per device type::
     padded:         dense if B*T <= small_tokens or fill >= dense_min_fill,
                     else padded_route (nested falls back to packed for left padding)
 
-``fill`` is real tokens / (B*T). A route of None means "run the original forward": on CPU the
-fused op's attention (bmm + masked softmax) is slower than transformers' SDPA for large
-unpadded batches. The CPU numbers come from ``benchmarks/fused_encoder.py --device cpu`` on a
+``fill`` is real tokens / (B*T). A route of None means "run the original forward" (no row uses it
+today). The CPU numbers come from ``benchmarks/fused_encoder.py --device cpu`` on a
 2-core machine. On a GPU whose packed route runs flash varlen attention (fp16/bf16, sm80+; the
 ``cuda-varlen`` row), two runs on one H100 (``benchmarks/results/fused_encoder_bf16_{routes,varlen}_h100.json``,
 BERT-base bf16) have packed at 1.32-1.93x of SDPA on large batches at 25-50% fill, where nested
@@ -43,8 +42,11 @@ THRESHOLDS: dict[str, Thresholds] = {
     # fill >= 1.01 never happens: on CPU every padded batch above 16 tokens goes packed.
     # Unpadded on CPU (torch 2.13, 2 cores, 2026-12-07): dense 1.04-1.11x at 16-32 tokens, 0.92-1.04x
     # at 64-128 and 0.95-0.96x at 197 (MiniLM, BERT-base); ViT-base 1x197 0.95x in the families bench.
+    # Since the packed route runs oneDNN linear layers and unmasked attention (2026-12-07, MiniLM,
+    # unpadded): packed 1.19-1.41x the original forward from 2x32 to 32x128 and at 1x256, where
+    # dense is 0.94-1.10x; at 1x16 dense and packed tie.
     "cpu": Thresholds(small_tokens=16, dense_min_fill=1.01, padded_route="packed",
-                      full_dense_tokens=128, full_route=None),
+                      full_dense_tokens=16, full_route="packed"),
     "cuda": Thresholds(small_tokens=2048, dense_min_fill=0.9, padded_route="nested",
                        full_dense_tokens=1 << 62, full_route="dense"),
     "cuda-varlen": Thresholds(small_tokens=2048, dense_min_fill=1.01, padded_route="packed",

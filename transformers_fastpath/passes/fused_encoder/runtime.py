@@ -350,7 +350,7 @@ class FusedForward:
         if route is None:
             return None
         if keep is None:
-            return "dense"
+            return "packed" if route == "packed" else "dense"  # no padding: nested has nothing to skip
         if route == "nested" and (not left_aligned or not self.whole_encoder):
             return "packed"  # nested tensors are built from right-padded batches, once per encoder
         if not self.fusable:
