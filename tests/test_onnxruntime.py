@@ -89,6 +89,7 @@ def assert_same(out, ref, mask) -> None:
 def every_batch_in_the_session(monkeypatch):
     """Send every batch to the session, whatever its size (padded ones are the route that must be right)."""
     monkeypatch.setattr(ort_runtime, "SMALL_CALL_TOKENS", 1 << 30)
+    monkeypatch.setattr(ort_runtime, "SMALL_CALL_MIN_FILL", 0.0)
 
 
 # -- equality -----------------------------------------------------------------------------------
@@ -123,19 +124,24 @@ def test_task_heads_equal_the_unconverted_model(head, tmp_path, every_batch_in_t
     assert runtime_of(model).served == 2
 
 
-def test_large_batches_go_to_torch_and_single_texts_and_small_batches_to_the_session(tmp_path) -> None:
+def test_small_full_calls_go_to_the_session_and_large_or_padded_ones_to_torch(tmp_path) -> None:
     path = saved(tmp_path, "bert")
     plain = transformers.AutoModel.from_pretrained(path).eval()
     model = transformers.AutoModel.from_pretrained(path, fastpath=ORT)
     runtime = runtime_of(model)
     large = batch("right", rows=8, length=40)  # 320 tokens > SMALL_CALL_TOKENS
-    small, single = batch("left", rows=4, length=12), batch(rows=1, length=60)
+    padded = batch("left", rows=4, length=12)  # 48 tokens, 70% real < SMALL_CALL_MIN_FILL
+    single, full = batch(rows=1, length=60), batch(rows=4, length=12)
+    full["attention_mask"][:] = 1
     with torch.no_grad():
         assert_same(model(**large), plain(**large), large["attention_mask"])
         assert runtime.served == 0 and runtime.fallbacks["a batch of 8x40 tokens: no faster in the session than in torch"] == 1
+        assert_same(model(**padded), plain(**padded), padded["attention_mask"])
+        assert runtime.served == 0
+        assert runtime.fallbacks["a padded batch of 4x12 tokens: faster in torch, which skips the pad tokens"] == 1
         assert_same(model(**single), plain(**single), single["attention_mask"])
         assert runtime.served == 1
-        assert_same(model(**small), plain(**small), small["attention_mask"])  # padded, but small: the session
+        assert_same(model(**full), plain(**full), full["attention_mask"])  # small and unpadded: the session
         assert runtime.served == 2
 
 

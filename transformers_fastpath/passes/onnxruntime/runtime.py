@@ -6,7 +6,8 @@ token tensors, with only the exported inputs (plus ``return_dict`` and arguments
 None/False), no hidden-state or attention capture and no forward hook inside the model (the
 model's own hooks run as usual: they are outside ``forward``). Anything else runs the original
 forward, counted by reason and logged at DEBUG once per reason; so does a batch larger than
-:data:`SMALL_CALL_TOKENS`, which the session runs no faster (:meth:`OrtRuntime._torch_is_faster`).
+:data:`SMALL_CALL_TOKENS` or padded below :data:`SMALL_CALL_MIN_FILL`, which torch runs faster
+(:meth:`OrtRuntime._torch_is_faster`).
 
 The weights the session computes with are the exported ones. When a parameter is written in
 place (an optimizer step, ``load_state_dict``) or the model is a copy, the weights are hashed
@@ -30,11 +31,12 @@ from ..instance_methods import bind_call
 from .cache import export_key
 from .export import ExportedGraph
 
-__all__ = ["SMALL_CALL_TOKENS", "OrtRuntime", "session_for"]
+__all__ = ["SMALL_CALL_MIN_FILL", "SMALL_CALL_TOKENS", "OrtRuntime", "session_for"]
 
 logger = logging.getLogger(__name__)
 
-SMALL_CALL_TOKENS = 256  # (batch x length) up to which a call runs in the session; one text always does
+SMALL_CALL_TOKENS = 128  # (batch x length) up to which a call runs in the session...
+SMALL_CALL_MIN_FILL = 0.9  # ...when at least this share of it is real tokens (the session computes pads)
 _CAPTURE_FLAGS = ("output_hidden_states", "output_attentions")
 
 
@@ -156,23 +158,27 @@ class OrtRuntime:
         return None
 
     def _torch_is_faster(self, call: dict[str, Any]) -> str | None:
-        """Small calls run in the session; larger batches go to torch.
+        """Small, nearly unpadded calls run in the session; the rest go to torch.
 
-        Measured on the 2-core CPU (all-MiniLM-L6-v2, fastpath's torch path vs the session,
-        ``benchmarks/onnxruntime_cpu.py`` and 7-round A/B runs): where per-operator overhead decides,
-        the session wins every time (one text of 16 tokens 1.95-3.4x, 2x32 1.39-1.5x, 4x32 1.23x);
-        from 512 tokens on, full batches went either way from run to run (8x64 1.0-1.11x, 16x64
-        0.91-1.18x, 32x128 1.03-1.09x), rows of 90% real tokens likewise (0.94-1.07x), and padded
-        batches are torch's (25% real tokens: the session 2.3-2.7x slower, as it computes the pad
-        tokens the fused encoder skips). The int8 graph takes every call, so one model's outputs
-        never mix int8 and float32 numerics.
+        Measured on the 2-core CPU (all-MiniLM-L6-v2, the session against fastpath's torch path
+        since its CPU packed route, 2026-12-07, 5 interleaved rounds): the session wins where
+        per-operator overhead decides (one text of 16 tokens 2.03x, of 64 1.20x; full batches of
+        2x32, 4x16, 8x16 1.09-1.15x), ties at 128-256 tokens (1x128 1.00x, 8x32 1.00x, 16x16
+        1.05x), loses on longer single texts (1x256 0.89x, 1x512 0.75x) and on every padded batch
+        (60-64% real tokens: 0.72-0.91x), since it computes the pad tokens the packed route
+        skips. The int8 graph takes every call, so one model's outputs never mix int8 and float32
+        numerics.
         """
         if self.recipe.get("quantize") == "int8":
             return None
         ids = call["input_ids"]
-        if ids.shape[0] == 1 or ids.numel() <= SMALL_CALL_TOKENS:
-            return None
-        return f"a batch of {ids.shape[0]}x{ids.shape[1]} tokens: no faster in the session than in torch"
+        rows, length = ids.shape[0], ids.shape[1]
+        if ids.numel() > SMALL_CALL_TOKENS:
+            return f"a batch of {rows}x{length} tokens: no faster in the session than in torch"
+        mask = call.get("attention_mask")
+        if mask is not None and ids.numel() and float(mask.count_nonzero()) < SMALL_CALL_MIN_FILL * ids.numel():
+            return f"a padded batch of {rows}x{length} tokens: faster in torch, which skips the pad tokens"
+        return None
 
     def _weights_are_exported(self, model: nn.Module) -> bool:
         versions = _weight_versions(model)
