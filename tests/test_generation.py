@@ -795,7 +795,9 @@ def test_settings_transformers_rejects_still_raise_its_error(fresh_llama) -> Non
 
 def test_compiled_sampling_step_on_cpu(fresh_llama) -> None:
     """The sampling step through a real torch.compile: top_k = 1 sampling is the argmax (so it must
-    equal greedy), a penalty call equals transformers', and the two compile as two steps."""
+    equal greedy), and so is top_p = 1e-6 (only the most likely token is left: the nucleus's
+    cumulative sum runs in the compiled step), a penalty call equals transformers', and the three
+    compile as three steps."""
     model = fresh_llama
     ids, mask = prompts()
     ref = greedy(model, ids, mask)
@@ -803,8 +805,33 @@ def test_compiled_sampling_step_on_cpu(fresh_llama) -> None:
     fp.apply(model, {"defaults": {"compile": True}}, hardware=CPU)
     assert torch.equal(_sampled(model, ids, mask, 0, top_k=1, temperature=0.5), ref) and _loop_ran(model)
     assert torch.equal(greedy(model, ids, mask, repetition_penalty=1.3), ref_penalty) and _loop_ran(model)
-    assert len(_runtime(model).loop._compiled) == 2
+    assert torch.equal(_sampled(model, ids, mask, 0, top_k=0, top_p=1e-6), ref) and _loop_ran(model), \
+        (_runtime(model).last_loop_reason, fp.plan_of(model).pass_status("generate_decode_loop"))
+    assert len(_runtime(model).loop._compiled) == 3
 
+
+
+def test_a_zero_exponential_draw_never_picks_a_filtered_token(monkeypatch) -> None:
+    """An Exp(1) draw of exactly 0 (ATen's kernel never returns one; a compiled step's generator does
+    not promise it) would make p / q = 0 / 0 = NaN at a filtered token, which argmax would pick. The
+    choice scores filtered tokens 0 instead; a zero draw at a kept token (p / 0 = inf) picks it, as
+    the limit of the draw does."""
+    from transformers_fastpath.passes.generation import selection
+
+    rule = selection.Rule(sample=True, top_k=2)
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    state = (torch.zeros(2, 5, dtype=torch.bool), torch.zeros(4, dtype=torch.bool), torch.tensor(False),
+             torch.tensor(1.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.0))
+
+    def exponential_(self, lambd=1.0, generator=None):  # a zero at a filtered token, another at a kept one
+        draws = torch.ones_like(self)
+        draws[0, 1] = 0.0
+        draws[1, 2] = 0.0
+        return self.copy_(draws)
+
+    monkeypatch.setattr(torch.Tensor, "exponential_", exponential_)
+    token, valid = selection.choose(rule, logits, *state)
+    assert token.tolist() == [0, 2] and bool(valid)
 
 def test_stop_strings_end_rows_where_transformers_ends_them(tiny_model_factory) -> None:
     """Stop strings are checked on the host every few tokens with transformers' StopStringCriteria:
@@ -846,18 +873,20 @@ def test_stop_strings_end_rows_where_transformers_ends_them(tiny_model_factory) 
     assert torch.equal(run(model, do_sample=False, stop_strings=words[0]), ref) and _loop_ran(model)
 
 
-def test_token_choice_in_cuda_graphs_waits_for_its_gpu_test(fresh_llama, monkeypatch) -> None:
-    """Until CHOICE_IN_CUDA_GRAPHS is on, a compiled step on CUDA takes only the plain argmax: sampled
+def test_token_choice_in_cuda_graphs_can_be_held_to_the_argmax(fresh_llama, monkeypatch) -> None:
+    """With CHOICE_IN_CUDA_GRAPHS off, a compiled step on CUDA takes only the plain argmax: sampled
     and penalized calls there go to transformers' loop with the reason; greedy and CPU calls do not."""
     from transformers_fastpath.passes.generation import decode_loop
 
+    assert decode_loop.CHOICE_IN_CUDA_GRAPHS  # on since its GPU test passed
+    monkeypatch.setattr(decode_loop, "CHOICE_IN_CUDA_GRAPHS", False)
     ids, mask = prompts()
     call = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 4, "pad_token_id": PAD}
     assert decode_loop.ineligible(fresh_llama, {**call, "do_sample": True}, compiled=True) is None  # on the CPU
     monkeypatch.setattr(type(fresh_llama), "device", property(lambda self: torch.device("cuda")))
     assert decode_loop.ineligible(fresh_llama, call, compiled=True) is None
-    assert "await their GPU test" in decode_loop.ineligible(fresh_llama, {**call, "do_sample": True}, compiled=True)
-    assert "await their GPU test" in decode_loop.ineligible(fresh_llama, {**call, "repetition_penalty": 1.2},
+    assert "held out of the compiled CUDA-graph step" in decode_loop.ineligible(fresh_llama, {**call, "do_sample": True}, compiled=True)
+    assert "held out of the compiled CUDA-graph step" in decode_loop.ineligible(fresh_llama, {**call, "repetition_penalty": 1.2},
                                                             compiled=True)
     monkeypatch.setattr(decode_loop, "CHOICE_IN_CUDA_GRAPHS", True)
     assert decode_loop.ineligible(fresh_llama, {**call, "do_sample": True}, compiled=True) is None

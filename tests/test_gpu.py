@@ -366,7 +366,8 @@ def test_compiled_decode_loop_decodes_every_mode_on_the_gpu(monkeypatch) -> None
     """The compiled step (reduce-overhead: CUDA graphs) on a tiny float32 Llama: greedy, repetition
     penalty and min_new_tokens give transformers' tokens; top_k = 1 sampling is the argmax; seeded
     sampling repeats itself; every sampled token lies in transformers' own top-k of its context; and
-    the token frequencies match transformers' sampling (total variation below 0.1 over 2,048 rows)."""
+    the token frequencies match transformers' sampling (over 2,048 rows, the total variation to
+    transformers' is within 1.5x that between two transformers runs, + 0.02)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from transformers_fastpath.passes.generation import STATIC_PASS, decode_loop
@@ -416,10 +417,21 @@ def test_compiled_decode_loop_decodes_every_mode_on_the_gpu(monkeypatch) -> None
     theirs = generate(plain, rows, None, seed=4, **sample)
     with torch.no_grad():  # transformers' logits for each row's own context at every new position
         logits = plain(ours[:, :-1]).logits[:, ids.shape[1] - 1:].float()
-    top = logits.topk(10, dim=-1).indices
-    assert bool((top == ours[:, ids.shape[1]:, None]).any(-1).all()), "a sampled token outside the top-k"
+    # Every sampled token is in transformers' top 10 of its context, up to a near-tie with the 10th
+    # (the compiled step's float32 logits differ from eager ones in the last bits).
+    tenth = logits.topk(10, dim=-1).values[..., -1]
+    new = ours[:, ids.shape[1]:]
+    picked = logits.gather(-1, new[:, :, None]).squeeze(-1)
+    sampled = (new == 2).int().cumsum(-1) - (new == 2).int() == 0  # up to each row's EOS; pads after it
+    assert bool(((picked >= tenth - 1e-4) | ~sampled).all()), ("a sampled token outside the top-k",
+                                                              float(((tenth - picked) * sampled).max()))
+    again = generate(plain, rows, None, seed=5, **sample)  # the sampling noise of 2,048 rows, transformers alone
+
+    def distance(a, b, position):
+        counts = [torch.bincount(o[:, position], minlength=200).float() / o.shape[0] for o in (a, b)]
+        return 0.5 * float((counts[0] - counts[1]).abs().sum())
+
     for position in (ids.shape[1] + 1, ids.shape[1] + 6):  # tokens made by the compiled step
-        counts = [torch.bincount(o[:, position], minlength=200).float() / o.shape[0] for o in (ours, theirs)]
-        distance = 0.5 * float((counts[0] - counts[1]).abs().sum())
-        assert distance < 0.1, (position, distance)
+        ours_vs_theirs, noise = distance(ours, theirs, position), distance(again, theirs, position)
+        assert ours_vs_theirs < 1.5 * noise + 0.02, (position, ours_vs_theirs, noise)
     assert len(runtime.loop._compiled) >= 3

