@@ -34,20 +34,20 @@ def before_the_cpu_route() -> Iterator[None]:
 
     from transformers_fastpath.passes.fused_encoder import heuristic, routes
 
-    saved = (routes.use_onednn_linear, routes.use_length_groups, routes._ffn_in, heuristic.THRESHOLDS["cpu"])
+    saved = (routes.use_onednn_linear, routes.use_length_runs, routes._ffn_in, heuristic.THRESHOLDS["cpu"])
 
     def ffn_in(x: Any, weight: Any, bias: Any, parts: Any, onednn: bool) -> Any:
         return routes._activation(F.linear(x, weight, bias), parts)
 
     routes.use_onednn_linear = lambda x: False
-    routes.use_length_groups = lambda keep: False
+    routes.use_length_runs = lambda keep: False
     routes._ffn_in = ffn_in
     heuristic.THRESHOLDS["cpu"] = heuristic.Thresholds(small_tokens=16, dense_min_fill=1.01, padded_route="packed",
                                                        full_dense_tokens=128, full_route=None)
     try:
         yield
     finally:
-        routes.use_onednn_linear, routes.use_length_groups, routes._ffn_in, heuristic.THRESHOLDS["cpu"] = saved
+        routes.use_onednn_linear, routes.use_length_runs, routes._ffn_in, heuristic.THRESHOLDS["cpu"] = saved
 
 
 def main() -> None:

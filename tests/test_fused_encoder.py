@@ -377,31 +377,37 @@ def test_packed_route_varlen_attention(monkeypatch: pytest.MonkeyPatch, left: bo
 
 
 @pytest.mark.parametrize("left", [False, True])
-def test_packed_route_cpu_attention_runs_one_call_per_length(monkeypatch: pytest.MonkeyPatch, left: bool) -> None:
-    """On a CPU the packed route's attention groups sequences by (queries, keys) and runs each group
-    unmasked on exactly its tokens: one group per distinct length (a left-padded row has one more
-    query, its pad at position 0), and the result is the unconverted model's."""
+@pytest.mark.parametrize(("lengths", "runs"), [
+    ((9, 9, 5, 5, 5, 3, 1), [(2, 9), (3, 5), (1, 3), (1, 1)]),   # sorted, as fastpath's pipelines batch
+    ((5, 3, 9, 5, 5), [(1, 5), (1, 3), (1, 9), (2, 5)]),         # unsorted: runs of neighbours only
+])
+def test_packed_route_cpu_attention_runs_one_call_per_run_of_equal_lengths(
+        monkeypatch: pytest.MonkeyPatch, left: bool, lengths: tuple[int, ...], runs: list[tuple[int, int]]) -> None:
+    """On a CPU the packed route's attention cuts the batch into runs of neighbouring sequences of
+    equal (queries, keys) counts and runs each unmasked on exactly its tokens, as views of the
+    packed rows (a left-padded row has one more query, its pad at position 0; a full row none);
+    the result is the unconverted model's."""
     from transformers_fastpath.passes.fused_encoder import routes
 
     made: list[list[tuple[int, int, int]]] = []
 
-    class Recorded(routes._EqualLengthGroups):
+    class Recorded(routes._EqualLengthRuns):
         def __init__(self, q_lens: list[int], k_lens: list[int]) -> None:
             super().__init__(q_lens, k_lens)
-            made.append(sorted((n, q, k) for n, q, k, _, _ in self.groups))
+            made.append([(n, q, k) for n, q, k, _, _ in self.runs])
 
-    monkeypatch.setattr(routes, "_EqualLengthGroups", Recorded)
+    monkeypatch.setattr(routes, "_EqualLengthRuns", Recorded)
     config = text_config("bert")
     model = build(config)
     fast = converted_copy(model, route="packed")
-    lengths = (5, 3, 9, 5, 1, 3, 5)
     inputs = text_inputs(config, lengths=lengths, left=left)
     keep = inputs["attention_mask"].bool()
     out, ref = run(fast, inputs), run(model, inputs)
     torch.testing.assert_close(out.last_hidden_state[keep], ref.last_hidden_state[keep], atol=ATOL, rtol=0)
     torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=ATOL, rtol=0)
-    extra = 1 if left else 0  # the full row (9) has no pad at position 0
-    assert made == [sorted([(1, 1 + extra, 1), (2, 3 + extra, 3), (3, 5 + extra, 5), (1, 9, 9)])]
+    longest = max(lengths)
+    extra = [0 if (left is False or k == longest) else 1 for _, k in runs]  # pad query at position 0
+    assert made == [[(n, k + e, k) for (n, k), e in zip(runs, extra)]]
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu"])

@@ -20,7 +20,7 @@
     where the nested attention of the fused op pads internally (see docs/fused-encoder.md).
     Attention is padding-free too: on a GPU with flash attention (sm80+, fp16/bf16)
     ``torch.nn.attention.varlen.varlen_attn`` with each sequence's offsets; on a CPU one unmasked
-    ``scaled_dot_product_attention`` per group of sequences of equal length (a masked call over
+    ``scaled_dot_product_attention`` per run of sequences of equal length (a masked call over
     the padded batch costs what its pad tokens cost: 4.8x slower on a MiniLM batch of 32 x 171 at
     28% fill, 1.6x at 80%); elsewhere (float32 on a GPU) SDPA over a padded view with the key mask.
 """
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .layers import BoundLayer, LayerParts
 
-__all__ = ["ROUTES", "Route", "run_dense", "run_nested", "run_packed", "run_route", "use_length_groups",
+__all__ = ["ROUTES", "Route", "run_dense", "run_nested", "run_packed", "run_route", "use_length_runs",
            "use_onednn_linear", "use_varlen"]
 
 Route = Literal["dense", "nested", "packed"]
@@ -130,50 +130,52 @@ def use_varlen(x: torch.Tensor, head_dim: int) -> bool:
             and _varlen_attn() is not None and _has_flash(x.device))
 
 
-def use_length_groups(keep: torch.Tensor) -> bool:
+def use_length_runs(keep: torch.Tensor) -> bool:
     """Whether the packed route's attention (where flash varlen does not run) is one unmasked SDPA
-    call per group of sequences of equal length rather than one masked call over the padded batch:
+    call per run of sequences of equal length rather than one masked call over the padded batch:
     on a CPU, where the masked kernel costs what the pad tokens cost and a call costs little."""
     return keep.device.type == "cpu"
 
 
-class _EqualLengthGroups:
-    """A batch's sequences grouped by (queries, keys) counts, for one unmasked SDPA call per group.
+class _EqualLengthRuns:
+    """A batch's sequences cut into runs of consecutive sequences of equal (queries, keys) counts,
+    for one unmasked SDPA call per run.
 
     Sequence ``i``'s queries are packed rows ``[q_start_i, q_start_i + q_len_i)`` and its keys are
-    rows ``[k_start_i, k_start_i + k_len_i)`` of the key matrix. Each group holds the packed-row
-    indices of its sequences' queries and keys, in sequence order, so ``index_select`` then
-    ``view(n, len, H, D)`` lays them out as a batch of equal-length sequences with no padding.
-    Made once per batch on the host (the CPU route has no device to sync with) and shared by
-    every layer.
+    rows ``[k_start_i, k_start_i + k_len_i)`` of the key matrix, so a run's queries and keys are
+    each one contiguous block: ``view(n, len, H, D)`` lays the run out as a batch of equal-length
+    sequences with no padding and no copy. Length-sorted batches (what fastpath's pipelines
+    make) have one run per distinct length; an unsorted batch at worst one per sequence (a call
+    costs about 0.1 ms on a CPU). Made once per batch on the host and shared by every layer.
     """
 
     def __init__(self, q_lens: list[int], k_lens: list[int]) -> None:
         q_starts, k_starts = _starts(q_lens), _starts(k_lens)
-        members: dict[tuple[int, int], list[int]] = {}
+        self.runs: list[tuple[int, int, int, int, int]] = []  # (sequences, q_len, k_len, q_start, k_start)
         for i, key in enumerate(zip(q_lens, k_lens)):
-            members.setdefault(key, []).append(i)
-        self.groups: list[tuple[int, int, int, torch.Tensor, torch.Tensor]] = []
-        for (q_len, k_len), seqs in members.items():
-            q_index = torch.cat([torch.arange(q_starts[i], q_starts[i] + q_len) for i in seqs])
-            k_index = torch.cat([torch.arange(k_starts[i], k_starts[i] + k_len) for i in seqs])
-            self.groups.append((len(seqs), q_len, k_len, q_index, k_index))
+            if self.runs and self.runs[-1][1:3] == key:
+                n, q_len, k_len, q_start, k_start = self.runs[-1]
+                self.runs[-1] = (n + 1, q_len, k_len, q_start, k_start)
+            else:
+                self.runs.append((1, *key, q_starts[i], k_starts[i]))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
         """``(Nq, E)`` queries and ``(Nk, E)`` keys/values -> ``(Nq, E)`` attention output."""
         embed = q.shape[1]
         head_dim = embed // heads
-        if len(self.groups) == 1:  # no padding in the batch, or every sequence of one length
-            n, q_len, k_len, _, _ = self.groups[0]
-            q, k, v = (t.view(n, t_len, heads, head_dim).transpose(1, 2)
-                       for t, t_len in ((q, q_len), (k, k_len), (v, k_len)))
-            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n * q_len, embed)
+
+        def block(t: torch.Tensor, start: int, n: int, length: int) -> torch.Tensor:
+            return t[start: start + n * length].view(n, length, heads, head_dim).transpose(1, 2)
+
+        if len(self.runs) == 1:  # no padding in the batch, or every sequence of one length
+            n, q_len, k_len, _, _ = self.runs[0]
+            att = F.scaled_dot_product_attention(block(q, 0, n, q_len), block(k, 0, n, k_len), block(v, 0, n, k_len))
+            return att.transpose(1, 2).reshape(n * q_len, embed)
         out = q.new_empty(q.shape)
-        for n, q_len, k_len, q_index, k_index in self.groups:
-            qg = q.index_select(0, q_index).view(n, q_len, heads, head_dim).transpose(1, 2)
-            kg, vg = (t.index_select(0, k_index).view(n, k_len, heads, head_dim).transpose(1, 2) for t in (k, v))
-            att = F.scaled_dot_product_attention(qg, kg, vg)  # (n, H, q_len, D): no mask, no pad
-            out.index_copy_(0, q_index, att.transpose(1, 2).reshape(n * q_len, embed))
+        for n, q_len, k_len, q_start, k_start in self.runs:
+            att = F.scaled_dot_product_attention(block(q, q_start, n, q_len), block(k, k_start, n, k_len),
+                                                 block(v, k_start, n, k_len))  # (n, H, q_len, D): no mask, no pad
+            out[q_start: q_start + n * q_len].view(n, q_len, heads, head_dim).copy_(att.transpose(1, 2))
         return out
 
 
@@ -201,14 +203,14 @@ class _PackedAttention:
         self.index, self.embed, self.heads = index, embed, heads
         self.shape = (batch, length, heads, embed // heads)
         self.varlen = varlen
-        self.groups: _EqualLengthGroups | None = None
-        grouped = not varlen and use_length_groups(keep)
+        self.length_runs: _EqualLengthRuns | None = None
+        by_runs = not varlen and use_length_runs(keep)
         self.key_rows: torch.Tensor | None = None  # which packed rows are keys (None: all)
-        if (varlen or grouped) and rows is not keep:
+        if (varlen or by_runs) and rows is not keep:
             self.key_rows = keep.reshape(-1).index_select(0, index).nonzero().squeeze(1)
-        if grouped:
+        if by_runs:
             keys = keep.sum(1).tolist()
-            self.groups = _EqualLengthGroups(keys if rows is keep else rows.sum(1).tolist(), keys)
+            self.length_runs = _EqualLengthRuns(keys if rows is keep else rows.sum(1).tolist(), keys)
         elif varlen:
             keys = keep.sum(1, dtype=torch.int32)  # each >= 1: keep_mask rejects rows of padding only
             queries = keys if rows is keep else rows.sum(1, dtype=torch.int32)
@@ -223,8 +225,8 @@ class _PackedAttention:
         """``(N, E)`` q/k/v of the computed rows -> ``(N, E)`` attention output."""
         if self.key_rows is not None:
             k, v = k.index_select(0, self.key_rows), v.index_select(0, self.key_rows)
-        if self.groups is not None:
-            return self.groups(q, k, v, self.heads)
+        if self.length_runs is not None:
+            return self.length_runs(q, k, v, self.heads)
         if self.varlen:
             heads, head_dim = self.heads, self.shape[3]
             out: Any = _varlen_attn()(q.view(q.shape[0], heads, head_dim), k.view(k.shape[0], heads, head_dim),
