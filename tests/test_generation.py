@@ -705,6 +705,28 @@ def test_top_p_keeps_the_boundary_token_transformers_keeps() -> None:
     assert torch.equal(torch.isinf(ours), torch.isinf(theirs)) and not bool(torch.isinf(theirs).any())
 
 
+
+def test_top_p_filter_compiled_equals_transformers() -> None:
+    """The top-p filter through a real torch.compile (its cumulative sum is a custom op inductor does
+    not lower) keeps exactly the tokens transformers' TopPLogitsWarper keeps, with the same scores."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from transformers_fastpath.passes.generation.selection import Rule, Selection, processed_scores
+
+    rule = Rule(sample=True, top_p=True)
+    torch.manual_seed(0)
+    logits = torch.randn(4, 1000)
+    ids = torch.tensor([[5]] * 4)
+    compiled = torch.compile(processed_scores, fullgraph=True, dynamic=False)
+    for top_p in (0.5, 0.9):
+        selection = Selection(rule, GenerationConfig(do_sample=True, top_p=top_p), ids=ids,
+                              mask=torch.ones_like(ids), vocab=1000, eos=[], unblock_at=0)
+        theirs = TopPLogitsWarper(top_p)(ids, logits.clone())
+        ours = compiled(rule, logits, *selection.tensors())
+        kept = ~torch.isinf(theirs)
+        assert 1 < int(kept.sum(-1).min()) < 1000, "the filter must keep some tokens and drop others"
+        assert torch.equal(~torch.isinf(ours), kept) and torch.equal(ours[kept], theirs[kept]), top_p
+
 class _Collect(BaseStreamer):
     """Records every put, as transformers' streamers receive them."""
 

@@ -43,8 +43,9 @@ _STEP_VARIANTS = 64
 _EOS_WIDTH = 8  # EOS id lists up to this long share one compiled step
 # Whether token-choice rules other than the plain argmax (sampling, penalties, minimum lengths) run in
 # the compiled step on CUDA, where it is replayed as a CUDA graph. On since tests/test_gpu.py's
-# test_compiled_decode_loop_decodes_every_mode_on_the_gpu passed on a GPU (2026-12-07, H100 80GB HBM3, torch 2.11, transformers 5.17); turning it off
-# sends such calls to transformers' loop on CUDA (CPU and uncompiled runs never consult it).
+# test_compiled_decode_loop_decodes_every_mode_on_the_gpu passed on a GPU (2026-12-07, H100 80GB HBM3,
+# torch 2.11, transformers 5.17); turning it off sends such calls to transformers' loop on CUDA (CPU
+# and uncompiled runs never consult it).
 CHOICE_IN_CUDA_GRAPHS = True
 
 # generate() arguments other than generation settings; any of them set sends the call to transformers.

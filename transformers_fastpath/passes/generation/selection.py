@@ -243,9 +243,11 @@ def _cumsum_last(x: Any) -> Any:
     generate code for its split scan over a (16, 32000) float32 batch on an H100 ("Error in codegen
     for ComputedBuffer ... SplitScan", TypeError: list indices must be integers or slices, not
     NoneType), so the compiled step calls ATen's cumsum kernel instead (no host sync, so the step
-    still replays as one CUDA graph). Uncompiled it is the same call. Needs :func:`register_ops`."""
+    still replays as one CUDA graph). Uncompiled it is the same call."""
     import torch
 
+    if not torch.compiler.is_compiling():  # a traced step finds it registered by its eager Selection
+        register_ops()
     return torch.ops.transformers_fastpath.cumsum_last(x)
 
 
