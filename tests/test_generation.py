@@ -482,6 +482,41 @@ def test_decode_loop_failure_falls_back_once_and_strict_raises(fresh_llama, monk
         greedy(strict, ids, mask)
 
 
+
+def test_a_token_choice_that_fails_to_compile_holds_back_only_its_calls(fresh_llama, monkeypatch, caplog) -> None:
+    """A compile error in one token choice's step (torch 2.11's inductor failed on the top-p cumsum at
+    batch 16 on a GPU) sends that call and later ones with the same choice to transformers' loop,
+    with the reason; greedy calls and other choices keep the lean loop, and the pass is not failed."""
+    import torch._dynamo.exc as dynamo_exc
+
+    from transformers_fastpath.passes.generation.decode_loop import DecodeLoop
+
+    model = fresh_llama
+    ids, mask = prompts()
+    ref = greedy(model, ids, mask)
+    ref_sampled = _sampled(model, ids, mask, 0, top_p=0.9)
+    ref_penalty = greedy(model, ids, mask, repetition_penalty=1.3)
+    fp.apply(model, LOOP, hardware=CPU)
+    real_step = DecodeLoop._step
+
+    def step(self, model, rule, *args, **kwargs):
+        if rule.top_p:
+            def fails(*a, **k):
+                raise dynamo_exc.TorchDynamoException("simulated codegen failure")
+            return fails
+        return real_step(self, model, rule, *args, **kwargs)
+
+    monkeypatch.setattr(DecodeLoop, "_step", step)
+    with caplog.at_level(logging.WARNING, logger="transformers_fastpath"):
+        assert torch.equal(_sampled(model, ids, mask, 0, top_p=0.9), ref_sampled)  # re-run in transformers
+        assert torch.equal(_sampled(model, ids, mask, 0, top_p=0.9), ref_sampled)
+    assert "this token choice failed to compile on this model" in _runtime(model).last_loop_reason
+    warned = [r.getMessage() for r in caplog.records if "lean decode loop failed" in r.getMessage()]
+    assert len(warned) == 1 and "(sampling, top_k=50, top_p)" in warned[0], warned
+    assert torch.equal(greedy(model, ids, mask), ref) and _loop_ran(model)
+    assert torch.equal(greedy(model, ids, mask, repetition_penalty=1.3), ref_penalty) and _loop_ran(model)
+    assert fp.plan_of(model).pass_status(DECODE_LOOP_PASS).status == "applied"
+
 def test_decode_loop_auto_follows_compile() -> None:
     config = build("llama").config
     on_gpu = fp.resolve(config, task="text-generation", hardware=H100)

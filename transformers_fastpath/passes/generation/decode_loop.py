@@ -33,7 +33,7 @@ from ..sdpa_backends import compiled_step_scope
 from .selection import Rule, Selection, choose, eos_unblock_step, rule_for, unsupported_setting
 
 __all__ = ["CHOICE_IN_CUDA_GRAPHS", "STREAM_EVERY", "SYNC_EVERY", "DecodeLoop", "StreamerRaised", "StreamedFailure",
-           "ineligible"]
+           "call_rule", "ineligible"]
 
 SYNC_EVERY = 16  # tokens between host checks for "every row has finished"
 STREAM_EVERY = 4  # ... and between deliveries to a streamer or stop-string checks
@@ -97,6 +97,13 @@ class StreamerRaised(Exception):
     def __init__(self, original: BaseException) -> None:
         super().__init__(str(original))
         self.original = original
+
+
+def call_rule(model: Any, call: dict[str, Any]) -> Rule:
+    """The token-choice rule (which processors run) the lean loop would compile for ``call``."""
+    config, _ = _effective_config(model, call)
+    ids = call.get("input_ids", call.get("inputs"))
+    return rule_for(config, prompt_len=ids.shape[1], eos=_eos_ids(config))
 
 
 def ineligible(model: Any, call: dict[str, Any], *, compiled: bool = False) -> str | None:

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import PassSkipped, StrictModeError
 from ..instance_methods import add_layer, get_layer, remove_layer
-from .decode_loop import DecodeLoop, StreamedFailure, StreamerRaised, ineligible
+from .decode_loop import DecodeLoop, StreamedFailure, StreamerRaised, call_rule, ineligible
 from .request import GenerateRequest, apply_updates, bind_generate_call, plan_request
+from .selection import Rule
 
 if TYPE_CHECKING:
     from torch import nn
@@ -92,6 +93,7 @@ class FastGenerate:
         self.compile_error: str | None = None
         self.last_request: GenerateRequest | None = None
         self._dynamic_reasons: set[str] = set()
+        self._failed_rules: dict[Rule, str] = {}  # token choices whose compiled step failed, and why
 
     def around_generate(self, model: Any, inner: Any, *args: Any, **kwargs: Any) -> Any:
         """Layer around ``model.generate`` (see :func:`..instance_methods.add_layer`)."""
@@ -109,21 +111,24 @@ class FastGenerate:
                 logger.debug("fastpath (%s): generate keeps the dynamic cache: %s", self.label, request.reason)
             return inner(*args, **kwargs)
         if self._loop_reason(model, call, request) is None:
+            rng = _rng_state(model)
             try:
                 return self.loop.generate(model, call, cache_len=request.cache_len or 0, compile=request.compiles)
             except StreamerRaised as exc:
                 raise exc.original from exc.original.__cause__  # the caller's streamer failed: their error
             except StreamedFailure as exc:
-                self._loop_failed(model, exc.__cause__ if isinstance(exc.__cause__, Exception) else exc)
+                self._loop_failed(model, exc.__cause__ if isinstance(exc.__cause__, Exception) else exc, call)
                 raise RuntimeError(f"fastpath: the lean decode loop failed {exc}. The streamer had already "
                                    "received tokens, so this call is not re-run; later calls on this model use "
                                    "transformers' decode loop.") from exc
             except Exception as exc:
                 loop_error = exc
-            # transformers' loop runs the call. If it fails too, the call itself is at fault (an id out
-            # of the vocabulary, out of memory...): its error propagates and the loop stays on.
+            # transformers' loop runs the call, from the random state the call started with (so a seeded
+            # sampled call draws what transformers alone would). If it fails too, the call itself is at
+            # fault (an id out of the vocabulary, out of memory...): its error propagates, the loop stays on.
+            _restore_rng_state(rng)
             result = self._transformers_generate(model, inner, call, args, kwargs, request)
-            self._loop_failed(model, loop_error)  # raises in strict mode
+            self._loop_failed(model, loop_error, call)  # raises in strict mode
             return result
         return self._transformers_generate(model, inner, call, args, kwargs, request)
 
@@ -152,11 +157,20 @@ class FastGenerate:
                            "(set compile = false in the policy to skip the attempt).", self.label, reason)
         return self.around_generate(model, inner, *args, **kwargs)  # compile_error is set: decided afresh
 
-    def _loop_failed(self, model: Any, exc: Exception) -> None:
+    def _loop_failed(self, model: Any, exc: Exception, call: dict[str, Any]) -> None:
         reason = f"the lean decode loop failed: {type(exc).__name__}: {_first_line(exc)}"
         if self.strict:
             raise StrictModeError(f"{DECODE_LOOP_PASS} ({self.label}): {reason}; strict mode does not fall back. "
                                   "Set decode_loop = false in the policy, or strict = false.") from exc
+        rule = call_rule(model, call)
+        if _is_compile_failure(exc) and not rule.greedy_only:
+            # One token choice (sampling, a penalty...) did not compile: only its calls go to
+            # transformers from now on; greedy and the other choices keep the loop.
+            self._failed_rules[rule] = reason
+            logger.warning("fastpath (%s): %s; generate calls with this token choice (%s) use transformers' decode "
+                           "loop on this model from now on; other calls keep the lean loop.", self.label, reason,
+                           rule.describe())
+            return
         self.decode_loop = False
         self.loop = DecodeLoop()  # frees its static cache: transformers' loop keeps its own
         _record_failure(model, DECODE_LOOP_PASS, reason)
@@ -173,6 +187,10 @@ class FastGenerate:
             reason = "compilation failed on this model"
         else:
             reason = ineligible(model, call, compiled=request.compiles)
+            if reason is None and self._failed_rules:
+                failed = self._failed_rules.get(call_rule(model, call))
+                if failed is not None:
+                    reason = f"this token choice failed to compile on this model ({failed})"
         self.last_loop_reason = reason
         if reason is not None and self.decode_loop and reason not in self._dynamic_reasons:
             self._dynamic_reasons.add(reason)
@@ -292,6 +310,24 @@ def _compile_problem(model: Any) -> str | None:
     if getattr(model, "hf_quantizer", None) is not None and not getattr(model.hf_quantizer, "is_compileable", True):
         return "this quantization method cannot be compiled"
     return None
+
+
+def _rng_state(model: Any) -> tuple[Any, Any]:
+    """torch's CPU random state and, for a model on a GPU, that device's (a host copy; no sync)."""
+    import torch
+
+    device = getattr(model, "device", None)
+    on_cuda = getattr(device, "type", None) == "cuda"
+    return torch.random.get_rng_state(), (device, torch.cuda.get_rng_state(device)) if on_cuda else None
+
+
+def _restore_rng_state(state: tuple[Any, Any]) -> None:
+    import torch
+
+    cpu, cuda = state
+    torch.random.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda[1], cuda[0])
 
 
 def _is_compile_failure(exc: BaseException) -> bool:

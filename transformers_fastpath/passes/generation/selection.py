@@ -74,6 +74,15 @@ class Rule:
         """The plain argmax (no processor at all): the loop's original step."""
         return self == Rule()
 
+    def describe(self) -> str:
+        """The processors that run, as a user reads them: ``"sampling, temperature, top_k=50, top_p"``."""
+        parts = ["sampling" if self.sample else "greedy"]
+        parts += [name for name, on in (("repetition penalty", self.penalty), ("minimum length", self.eos_floor),
+                                        ("temperature", self.temperature)) if on]
+        parts += [f"top_k={self.top_k}"] if self.top_k else []
+        parts += [name for name, on in (("top_p", self.top_p), ("min_p", self.min_p)) if on]
+        return ", ".join(parts)
+
 
 def unsupported_setting(config: Any) -> str | None:
     """The first sampling setting of ``config`` the loop cannot apply, as ``name = value``; None when all fit.
