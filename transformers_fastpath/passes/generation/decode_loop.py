@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..instance_methods import method_signature
@@ -102,15 +102,20 @@ class StreamerRaised(Exception):
 def call_rule(model: Any, call: dict[str, Any]) -> Rule:
     """The token-choice rule (which processors run) the lean loop would compile for ``call``."""
     config, _ = _effective_config(model, call)
-    ids = call.get("input_ids", call.get("inputs"))
+    return _rule_of(config, call.get("input_ids", call.get("inputs")))
+
+
+def _rule_of(config: Any, ids: Any) -> Rule:
     return rule_for(config, prompt_len=ids.shape[1], eos=_eos_ids(config))
 
 
-def ineligible(model: Any, call: dict[str, Any], *, compiled: bool = False) -> str | None:
+def ineligible(model: Any, call: dict[str, Any], *, compiled: bool = False,
+               failed_rules: Mapping[Rule, str] | None = None) -> str | None:
     """Why this ``generate`` call needs transformers' loop, or None when the lean loop decodes it as transformers would.
 
     ``compiled``: the step will be compiled; on CUDA that also holds the token choice to the plain
-    argmax while :data:`CHOICE_IN_CUDA_GRAPHS` is off.
+    argmax while :data:`CHOICE_IN_CUDA_GRAPHS` is off. ``failed_rules``: token choices whose
+    compiled step failed on this model, and why (their calls go to transformers).
     """
     if getattr(model.config, "is_encoder_decoder", False):
         return "encoder-decoder model"
@@ -147,10 +152,15 @@ def ineligible(model: Any, call: dict[str, Any], *, compiled: bool = False) -> s
     if _new_tokens(model, call, config, ids.shape[1]) < 1:
         return "no new tokens requested"
     on_cuda = getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
-    if compiled and on_cuda and not CHOICE_IN_CUDA_GRAPHS \
-            and not rule_for(config, prompt_len=ids.shape[1], eos=_eos_ids(config)).greedy_only:
-        return "sampling, penalties and minimum lengths are held out of the compiled CUDA-graph step " \
-               "(CHOICE_IN_CUDA_GRAPHS is off)"
+    held_to_argmax = compiled and on_cuda and not CHOICE_IN_CUDA_GRAPHS
+    if held_to_argmax or failed_rules:
+        rule = _rule_of(config, ids)
+        if held_to_argmax and not rule.greedy_only:
+            return "sampling, penalties and minimum lengths are held out of the compiled CUDA-graph step " \
+                   "(CHOICE_IN_CUDA_GRAPHS is off)"
+        failed = (failed_rules or {}).get(rule)
+        if failed is not None:
+            return f"this token choice failed to compile on this model ({failed})"
     return None
 
 

@@ -186,11 +186,7 @@ class FastGenerate:
         elif self.compile_error is not None:
             reason = "compilation failed on this model"
         else:
-            reason = ineligible(model, call, compiled=request.compiles)
-            if reason is None and self._failed_rules:
-                failed = self._failed_rules.get(call_rule(model, call))
-                if failed is not None:
-                    reason = f"this token choice failed to compile on this model ({failed})"
+            reason = ineligible(model, call, compiled=request.compiles, failed_rules=self._failed_rules)
         self.last_loop_reason = reason
         if reason is not None and self.decode_loop and reason not in self._dynamic_reasons:
             self._dynamic_reasons.add(reason)

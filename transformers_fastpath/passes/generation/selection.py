@@ -268,6 +268,8 @@ def register_ops() -> None:
     """Register the custom ops the token choice calls, once per process. Called eagerly by
     :class:`Selection` (dynamo cannot trace a registration inside the compiled step)."""
     global _ops_registered
+    if _ops_registered:  # the usual case, once per call (and per token uncompiled): no lock
+        return
     with _ops_lock:
         if _ops_registered:
             return
