@@ -587,8 +587,9 @@ def test_a_bad_call_is_not_blamed_on_the_decode_loop(fresh_llama) -> None:
 
 def test_seeded_sampling_equals_transformers_where_the_docs_say(tiny_model_factory) -> None:
     """docs/generation.md 'Seeded sampling': model.generate over a sequence of prompts and a pipeline
-    called one prompt at a time draw what plain transformers draws; a list of prompts matches for
-    the first prompt (later chunks each build a DataLoader iterator, one extra draw each)."""
+    called one prompt at a time draw what plain transformers draws; with batched_processing off, a
+    list of prompts matches for the first prompt (later chunks each build a DataLoader iterator,
+    one extra draw each)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
     path = tiny_model_factory("llama", "causal")
@@ -603,7 +604,9 @@ def test_seeded_sampling_equals_transformers_where_the_docs_say(tiny_model_facto
                                         **sample).tolist() for p in prompts]
     assert generated[True] == generated[False]
 
-    pipes = {on: pipeline("text-generation", model=str(path), fastpath=on) for on in (False, True)}
+    per_prompt = {"defaults": {"batched_processing": False}}  # a list in batches draws in another order
+    pipes = {on: pipeline("text-generation", model=str(path), fastpath=per_prompt if on else False)
+             for on in (False, True)}
     one_at_a_time, as_list = {}, {}
     for on, pipe in pipes.items():
         torch.manual_seed(1)

@@ -72,8 +72,12 @@ def test_unmatched_rules_do_not_apply(config_only_dir: Path) -> None:
     assert resolve(config_only_dir, task="text-classification", policy=policy, hardware=CPU)["batch_size"] == 32
 
 
-def test_generation_tasks_keep_the_callers_batching(tiny_model_factory) -> None:
+def test_text_generation_batches_prompts_and_other_generation_tasks_keep_the_callers_batching(
+        tiny_model_factory) -> None:
     plan = resolve(tiny_model_factory("gpt2", "causal"), task="text-generation", hardware=CPU)
+    assert plan["batch_size"] == 16 and plan["batched_processing"] is True and plan["length_bucketing"] is True
+    assert "cut to what its prompt alone gives" in plan.settings["batch_size"].reason
+    plan = resolve(tiny_model_factory("gpt2", "causal"), task="text2text-generation", hardware=CPU)
     assert plan["batch_size"] == "keep"
     assert "left to the caller" in plan.settings["batch_size"].reason
 

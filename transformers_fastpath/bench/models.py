@@ -171,13 +171,14 @@ def minilm_classifier_checkpoint(tokenizer: str | None = None, *, num_labels: in
     return checkpoint(f"minilm-seq-cls-{num_labels}", build), "all-MiniLM-L6-v2 encoder + seeded random 2-label head"
 
 
-def llama_checkpoint(shape: dict[str, Any], *, on_gpu: bool) -> Path:
-    """Random Llama weights of ``shape`` saved in bf16, as Llama checkpoints are published.
+def llama_checkpoint(shape: dict[str, Any], *, on_gpu: bool, tokenizer: str | None = None) -> Path:
+    """Random Llama weights of ``shape`` saved in bf16, as Llama checkpoints are published, with
+    ``tokenizer`` saved beside (for pipelines; its vocabulary must fit the shape's).
 
     No end-of-sequence token, so every call generates exactly the tokens asked for. Built on the
     GPU when there is one (initialising 0.85B parameters on a CPU takes a while).
     """
-    key = "llama-" + "-".join(f"{shape[k]}" for k in sorted(shape))
+    key = "llama-" + "-".join(f"{shape[k]}" for k in sorted(shape)) + ("-tok" if tokenizer else "")
 
     def build(directory: Path) -> None:
         import torch
@@ -189,6 +190,7 @@ def llama_checkpoint(shape: dict[str, Any], *, on_gpu: bool) -> Path:
         with torch.device("cuda:0" if on_gpu else "cpu"):
             model: Any = LlamaForCausalLM(config)
         model.to(torch.bfloat16).save_pretrained(directory)
+        _save_tokenizer(directory, tokenizer)
         del model
         if on_gpu:
             torch.cuda.empty_cache()

@@ -286,8 +286,14 @@ class Bench:
         self.skipped = reason
 
     def wanted(self, variant: str) -> bool:
-        """Whether ``variant`` is neither omitted nor failed."""
+        """Whether ``variant`` is neither omitted (by the workload or ``--set omit=a,b``) nor failed."""
+        if variant not in self.omitted and variant in self._omitted_by_option():
+            self.omit(variant, "--set omit=...")
         return variant not in self.omitted and variant not in self.failed
+
+    def _omitted_by_option(self) -> list[str]:
+        names = self.option("omit", [])
+        return [str(n) for n in (names if isinstance(names, (list, tuple)) else [names])]
 
     def build(self, variant: str, make: Callable[[], Any]) -> Any:
         """``make()`` for ``variant``, recording its memory; None (and the error) if it fails or is omitted."""

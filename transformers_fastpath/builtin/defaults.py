@@ -13,10 +13,13 @@ from ..hookspecs import hookimpl
 from ..passes.generation import is_generative
 from ..planning.hardware import device_kind
 from ..planning.plan import PlanBuilder
-from ..planning.tasks import BATCHED_PROCESSING_TASKS, BATCHED_TASKS, TEXT_TASKS
+from ..planning.tasks import BATCHED_PROCESSING_TASKS, BATCHED_TASKS, GENERATE_BATCHED_TASKS, TEXT_TASKS
 
 CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 64
+# text-generation: prompts per generate() call. 16 rows keep the decode step weight-bound on a GPU
+# (it streams the weights once for every row), and a long list still makes several batches to sort.
+GENERATE_BATCH_SIZE = 16
 
 
 @hookimpl(tryfirst=True)
@@ -111,6 +114,15 @@ def _resolve_batching(plan: PlanBuilder) -> None:
     if plan.is_auto("batch_size"):
         if task is None:
             plan.set("batch_size", "keep", reason="not a pipeline")
+        elif task in GENERATE_BATCHED_TASKS and plan.get("batched_processing") is False:
+            # transformers' own batched generation is not each prompt's (max_length counts the padding)
+            plan.set("batch_size", "keep", reason=f"{task}: batched_processing = false, so prompts run as "
+                     "transformers runs them")
+        elif task in GENERATE_BATCHED_TASKS:
+            plan.set("batch_size", GENERATE_BATCH_SIZE,
+                     reason="auto: a list's prompts run in length-sorted, left-padded batches, one generate() each "
+                     "(faster than transformers' continuous batching: docs/generation.md#many-prompts); every result "
+                     "is cut to what its prompt alone gives")
         elif task not in BATCHED_TASKS:
             plan.set("batch_size", "keep", reason=f"{task}: batching is left to the caller for this task")
         elif getattr(plan.model.config, "feat_extract_norm", None) == "group":
@@ -142,6 +154,9 @@ def _resolve_batching(plan: PlanBuilder) -> None:
             plan.set("batched_processing", False, reason=f"{task}: transformers' per-input processing")
         elif not isinstance(batch, int) or batch <= 1:
             plan.set("batched_processing", False, reason="batch size is not > 1")
+        elif task in GENERATE_BATCHED_TASKS:
+            plan.set("batched_processing", True, reason="auto: one generate() per batch of prompts, each result "
+                     "cut to what its prompt alone gives")
         else:
             plan.set("batched_processing", True, reason="auto: each batch tokenized, copied and post-processed "
                      "at once, host work overlapping the device")

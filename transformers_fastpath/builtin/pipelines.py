@@ -40,7 +40,8 @@ def fastpath_pipeline_created(plan: Plan, pipeline: Any) -> None:
     if plan.get("batched_processing") is True:
         from ..pipelines.batched import enable_batched_processing
 
-        declined = enable_batched_processing(pipeline, sort_windows=plan.get("length_bucketing") is True)
+        declined = enable_batched_processing(pipeline, sort_windows=plan.get("length_bucketing") is True,
+                                             fill_batches=plan.get("static_cache") is True)
         if declined is not None:
             logger.debug("fastpath: batched processing stays off: %s", declined)
     input_errors = plan.get("input_errors")

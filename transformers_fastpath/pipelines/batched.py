@@ -55,15 +55,19 @@ class BatchedState:
     """Per-pipeline settings and counters (shared by shallow copies, e.g. replicas)."""
 
     sort_windows: bool = True
+    # Fill a short last batch up to the batch size (the batcher decides how: Batcher.filled), so a
+    # compiled step (generate's static cache) sees one batch shape instead of compiling another.
+    fill_batches: bool = False
     batches: int = 0  # batches run by this layer
     declined: dict[str, int] = field(default_factory=dict)  # reason -> calls that went to transformers' path
 
 
-def enable_batched_processing(pipeline: Any, *, sort_windows: bool = True) -> str | None:
+def enable_batched_processing(pipeline: Any, *, sort_windows: bool = True, fill_batches: bool = False) -> str | None:
     """Batch ``pipeline``'s pre- and post-processing (see module doc); idempotent.
 
     Returns None when on, else why not (the pipeline is then left unchanged).
-    ``sort_windows``: sort lazy inputs by length inside each window.
+    ``sort_windows``: sort lazy inputs by length inside each window. ``fill_batches``: fill a short
+    last batch up to the batch size where the batcher can (text-generation with a static cache).
     """
     if batcher_for(pipeline) is None:
         task = getattr(pipeline, "task", None)
@@ -71,8 +75,9 @@ def enable_batched_processing(pipeline: Any, *, sort_windows: bool = True) -> st
     state = batched_processing_of(pipeline)
     if state is not None:
         state.sort_windows = sort_windows
+        state.fill_batches = fill_batches
         return None
-    object.__setattr__(pipeline, _STATE_ATTR, BatchedState(sort_windows))
+    object.__setattr__(pipeline, _STATE_ATTR, BatchedState(sort_windows, fill_batches))
     pipeline.__class__ = override_subclass(type(pipeline), _MARKER, get_iterator=_batched_get_iterator)
     return None
 
@@ -105,13 +110,15 @@ def _batched_get_iterator(self: Any, inputs: Any, num_workers: int, batch_size: 
     base = type(self)._fastpath_batched_base
     state = batched_processing_of(self)
     batcher = batcher_for(self)
-    reason = _declined(self, state, batcher, batch_size, preprocess_params, postprocess_params)
+    reason = _declined(self, state, batcher, batch_size, preprocess_params, forward_params, postprocess_params)
     if reason is not None:
         if state is not None:
             if reason not in state.declined:
                 logger.debug("fastpath: %s runs transformers' per-input processing for this call: %s",
                              type(self).__name__, reason)
             state.declined[reason] = state.declined.get(reason, 0) + 1
+        if batcher is not None and batcher.declined_batch_size is not None:
+            batch_size = batcher.declined_batch_size
         return base.get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params,
                                  postprocess_params)
     assert state is not None and batcher is not None
@@ -121,12 +128,14 @@ def _batched_get_iterator(self: Any, inputs: Any, num_workers: int, batch_size: 
 
 
 def _declined(pipe: Any, state: BatchedState | None, batcher: Batcher | None, batch_size: int,
-              preprocess_params: dict[str, Any], postprocess_params: dict[str, Any]) -> str | None:
+              preprocess_params: dict[str, Any], forward_params: dict[str, Any],
+              postprocess_params: dict[str, Any]) -> str | None:
     if state is None or batcher is None:
         return "not a pipeline class fastpath batches"
     if not isinstance(batch_size, int) or batch_size <= 1:
         return "batch size 1"
-    reason = batcher.unsupported(pipe, preprocess_params, postprocess_params)
+    reason = batcher.unsupported(pipe, preprocess_params, postprocess_params) or \
+        batcher.unsupported_forward(pipe, forward_params)
     if reason is None and batcher.rows(preprocess_params) > batch_size:
         return "more model rows per input than the batch size"  # transformers splits such an input over forwards
     return reason
@@ -213,7 +222,8 @@ class _BatchedRun:
             size = min(size * 2, largest)
 
     def _transformers_path(self, items: list[Any], batch_size: int | None = None) -> Iterator[Any]:
-        return iter(self.base.get_iterator(self.pipe, items, self.num_workers, batch_size or self.batch_size,
+        batch_size = batch_size or self.batcher.declined_batch_size or self.batch_size
+        return iter(self.base.get_iterator(self.pipe, items, self.num_workers, batch_size,
                                            self.preprocess_params, self.forward_params, self.postprocess_params))
 
     def _run_window(self, window: list[Any]) -> Iterator[Any]:
@@ -227,7 +237,7 @@ class _BatchedRun:
         results: list[Any] = [None] * len(window)
         pending: _Flight | None = None
         for positions in batches:
-            flight = self._launch(window, positions)  # queued on the GPU before the previous batch is read
+            flight = self._launch(window, positions, size)  # queued on the GPU before the previous batch is read
             if pending is not None:
                 self._finish(pending, results, window)
             pending = flight
@@ -235,13 +245,15 @@ class _BatchedRun:
             self._finish(pending, results, window)
         yield from results
 
-    def _launch(self, window: list[Any], positions: list[int]) -> _Flight:
+    def _launch(self, window: list[Any], positions: list[int], size: int) -> _Flight:
         pipe = self.pipe
         items = [window[p] for p in positions]
         try:
             encoded = self.batcher.encode(pipe, items, self.preprocess_params)
         except BatchDeclined as declined:
             return self._declined_batch(positions, declined)
+        if self.state.fill_batches and len(items) < size:
+            encoded = self.batcher.filled(encoded, size)
         with pipe.device_placement(), pipe.get_inference_context()():
             model_inputs = _to_device(encoded.inputs, pipe.device)
             outputs = self.batcher.forward(pipe, model_inputs, self.forward_params)

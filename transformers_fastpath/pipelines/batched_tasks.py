@@ -12,6 +12,9 @@ runner in :mod:`transformers_fastpath.pipelines.batched` drives it):
 * :meth:`Batcher.decode` makes one result per input from those host tensors, each exactly what
   the task's own ``postprocess`` returns for that input (types, nesting, keys, order).
 
+The text-generation batcher (:class:`TextGenerationBatcher`) runs the pipeline's own per-prompt
+``preprocess`` and ``postprocess`` around one ``generate`` per batch of left-padded prompts.
+
 A batcher declines what it does not reproduce exactly (:meth:`Batcher.unsupported`,
 :meth:`Batcher.accepts`); those calls and inputs run transformers' own per-input path.
 """
@@ -25,8 +28,8 @@ from typing import Any
 from .outputs import padding_side as tokenizer_padding_side
 
 __all__ = ["BATCHERS", "BatchDeclined", "Batcher", "Encoded", "FeatureExtractionBatcher", "FillMaskBatcher",
-           "ImageClassificationBatcher", "TextBatcher", "TextClassificationBatcher", "TokenClassificationBatcher",
-           "ZeroShotClassificationBatcher", "batcher_for"]
+           "ImageClassificationBatcher", "TextBatcher", "TextClassificationBatcher", "TextGenerationBatcher",
+           "TokenClassificationBatcher", "ZeroShotClassificationBatcher", "batcher_for", "generation_settings"]
 
 # Tokenizer arguments a batched tokenizer call reproduces per input: padding to the longest input
 # of the batch is what transformers' collation does anyway.
@@ -56,10 +59,17 @@ class Batcher:
     task: str = ""
     pipeline_class: str = ""  # the name of transformers' pipeline class for the task (in transformers.pipelines)
 
+    # Batch size of a call this batcher declines (None: the call's own; 1: one input per model call).
+    declined_batch_size: int | None = None
+
     def unsupported(self, pipe: Any, preprocess_params: Mapping[str, Any],
                     postprocess_params: Mapping[str, Any]) -> str | None:
         """Why this call cannot be batched here (None when it can)."""
         raise NotImplementedError
+
+    def unsupported_forward(self, pipe: Any, forward_params: Mapping[str, Any]) -> str | None:
+        """Why the call's model arguments (``forward_params``) cannot be batched here (None when they can)."""
+        return None
 
     def accepts(self, item: Any) -> bool:
         """Whether one input is of the kind :meth:`encode` takes."""
@@ -73,6 +83,11 @@ class Batcher:
     def encode(self, pipe: Any, items: Sequence[Any], preprocess_params: Mapping[str, Any]) -> Encoded:
         """The batch's model inputs on the host, padded as transformers' collation pads them."""
         raise NotImplementedError
+
+    def filled(self, encoded: Encoded, rows: int) -> Encoded:
+        """``encoded`` with filler rows up to ``rows`` that :meth:`decode` ignores (it reads
+        ``encoded.lengths``), for a compiled step that should see one batch shape; as is by default."""
+        return encoded
 
     def forward(self, pipe: Any, inputs: dict[str, Any], forward_params: Mapping[str, Any]) -> Any:
         """The model's outputs for the batch (the pipeline's own ``_forward`` unless it needs per-input keys)."""
@@ -467,9 +482,157 @@ def _zero_shot_tokens(pipe: Any, pairs: list[Any]) -> Any:
                               return_tensors="pt")
 
 
+class TextGenerationBatcher(Batcher):
+    """``text-generation``: one ``generate`` per batch of left-padded prompts, each result what a call
+    with that prompt alone returns.
+
+    Each prompt goes through the pipeline's own ``preprocess`` (prefix, chat template, tokenizer
+    arguments), the batch is left-padded (masked) and run by the pipeline's ``_forward``; then each
+    row loses the batch's padding -- on the left, and the pad tokens after the step where a call of
+    that prompt alone would have stopped (all its sequences past an EOS) -- and goes through the
+    pipeline's ``postprocess``. Greedy float32 decoding gives the same tokens as one prompt at a
+    time; sampling draws from the same distribution, with other random numbers.
+    """
+
+    task = "text-generation"
+    pipeline_class = "TextGenerationPipeline"
+    # transformers' batched generation is not the per-prompt one (max_length counts the padding, pads
+    # follow a stop string) and streamers and assisted generation take one prompt: a declined call
+    # runs its prompts one at a time, as without fastpath.
+    declined_batch_size = 1
+    # generate() arguments whose batched results differ from per-prompt calls, or that need one prompt.
+    _PER_PROMPT = {
+        "streamer": "a streamer follows one prompt",
+        "assistant_model": "assisted generation takes one prompt",
+        "prompt_lookup_num_tokens": "assisted generation takes one prompt",
+        "stop_strings": "stop strings end rows at steps the batch does not mark",
+        "stopping_criteria": "custom stopping criteria end rows at steps the batch does not mark",
+        "max_time": "max_time bounds the whole batch, not each prompt",
+        "return_dict_in_generate": "generate's extra outputs hold the batch's padding",
+        "num_beams": "beam search",
+    }
+
+    def unsupported(self, pipe: Any, preprocess_params: Mapping[str, Any],
+                    postprocess_params: Mapping[str, Any]) -> str | None:
+        if getattr(pipe, "tokenizer", None) is None:
+            return "no tokenizer"
+        if getattr(getattr(pipe.model, "config", None), "is_encoder_decoder", False):
+            return "an encoder-decoder model"
+        return None
+
+    def unsupported_forward(self, pipe: Any, forward_params: Mapping[str, Any]) -> str | None:
+        try:
+            settings = generation_settings(pipe, forward_params)
+        except Exception as exc:  # noqa: BLE001 - private transformers API: never fail the user's call on it
+            return f"cannot read the call's generation settings ({type(exc).__name__}: {exc})"
+        for name, reason in self._PER_PROMPT.items():
+            value = settings.get(name)
+            if value not in (None, False, [], ()) and not (name == "num_beams" and value == 1):
+                return f"{name}: {reason}"
+        if "max_length" in settings and "max_new_tokens" not in settings:
+            return "max_length without max_new_tokens: in a batch it would count the padding"
+        return None
+
+    def accepts(self, item: Any) -> bool:
+        return isinstance(item, str) or hasattr(item, "messages")  # text, or transformers' Chat
+
+    def encode(self, pipe: Any, items: Sequence[Any], preprocess_params: Mapping[str, Any]) -> Encoded:
+        import torch
+
+        singles = [pipe.preprocess(item, **preprocess_params) for item in items]
+        rows = [single["input_ids"][0] for single in singles]
+        if any(len(row) == 0 for row in rows):
+            raise BatchDeclined("an empty prompt: generate() starts it from the BOS token alone")
+        if any("attention_mask" in s and not bool(s["attention_mask"].all()) for s in singles):
+            raise BatchDeclined("a prompt with masked tokens of its own: left padding would add more")
+        # Other tokenizer outputs (a BERT tokenizer's token_type_ids) are dropped: _forward reads only these.
+        longest = max(len(row) for row in rows)
+        pad = pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else 0  # masked out
+        ids = torch.full((len(rows), longest), int(pad), dtype=rows[0].dtype)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, longest - len(row):] = row
+            mask[i, longest - len(row):] = 1
+        return Encoded({"input_ids": ids, "attention_mask": mask, "prompt_text": None},
+                       [len(row) for row in rows], "left",
+                       {"prompts": [single["prompt_text"] for single in singles], "rows": rows})
+
+    def filled(self, encoded: Encoded, rows: int) -> Encoded:
+        """Copies of the batch's last prompt up to ``rows``: its decode step has the shape of the full
+        batches (a compiled step per batch size would cost a compile), at the price of the extra rows."""
+        import torch
+
+        extra = rows - len(encoded.lengths)
+        if extra <= 0:
+            return encoded
+        inputs = dict(encoded.inputs)
+        for key in ("input_ids", "attention_mask"):
+            inputs[key] = torch.cat([inputs[key], inputs[key][-1:].expand(extra, -1)])
+        return Encoded(inputs, encoded.lengths, encoded.padding_side, encoded.host)
+
+    def forward(self, pipe: Any, inputs: dict[str, Any], forward_params: Mapping[str, Any]) -> Any:
+        outputs = pipe._forward(inputs, **forward_params)
+        return {**outputs, "eos": _eos_ids(generation_settings(pipe, forward_params).get("eos_token_id"))}
+
+    def select(self, pipe: Any, outputs: Any, encoded: Encoded, postprocess_params: Mapping[str, Any]) -> dict[str, Any]:
+        # (batch, sequences per prompt, length), and the EOS ids of the call's settings
+        return {"sequences": outputs["generated_sequence"], "eos": outputs["eos"]}
+
+    def decode(self, pipe: Any, host: dict[str, Any], encoded: Encoded,
+               postprocess_params: Mapping[str, Any]) -> list[Any]:
+        import torch
+
+        sequences = host["sequences"]
+        width = encoded.inputs["input_ids"].shape[1]
+        eos = host["eos"]
+        results: list[Any] = []
+        for row, own in enumerate(encoded.lengths):
+            new = sequences[row, :, width:]
+            keep = _steps_alone(new, eos)
+            sequence = torch.cat([sequences[row, :, width - own:width], new[:, :keep]], dim=1)
+            outputs = {"generated_sequence": sequence.unsqueeze(0), "input_ids": encoded.host["rows"][row][None],
+                       "prompt_text": encoded.host["prompts"][row]}
+            results.append(pipe.postprocess(outputs, **postprocess_params))
+        return results
+
+
+def generation_settings(pipe: Any, forward_params: Mapping[str, Any]) -> dict[str, Any]:
+    """The generation parameters a text-generation call with ``forward_params`` sets: the call's, on
+    the pipeline's defaults, on the model's generation config (the non-default fields only)."""
+    kwargs = dict(forward_params)
+    if hasattr(pipe, "_prepare_generate_kwargs") and hasattr(pipe, "_get_set_generation_params"):
+        kwargs = pipe._prepare_generate_kwargs(kwargs)  # transformers >= 5.2x: its own resolution
+        settings = pipe._get_set_generation_params(kwargs)
+    else:  # earlier 5.x: the pipeline's generation_config (a copy of the model's) unless the call passes one
+        config = kwargs.get("generation_config") or getattr(pipe, "generation_config", None) \
+            or pipe.model.generation_config
+        settings = config.to_diff_dict()
+    settings.update({k: v for k, v in kwargs.items() if k != "generation_config"})
+    return settings
+
+
+def _eos_ids(eos: Any) -> list[int]:
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _steps_alone(new: Any, eos: list[int]) -> int:
+    """How many new tokens a call of this prompt alone makes: it stops when every one of its
+    sequences (rows of ``new``) has passed an EOS; the batch goes on, padding them."""
+    import torch
+
+    if not eos or new.shape[1] == 0:
+        return int(new.shape[1])
+    hits = torch.isin(new, torch.tensor(eos, dtype=new.dtype))
+    if not bool(hits.any(dim=1).all()):
+        return int(new.shape[1])  # a sequence still running at the end
+    return int(hits.int().argmax(dim=1).max()) + 1
+
+
 BATCHERS: dict[str, Batcher] = {b.task: b for b in (
     FeatureExtractionBatcher(), TextClassificationBatcher(), TokenClassificationBatcher(), FillMaskBatcher(),
-    ZeroShotClassificationBatcher(), ImageClassificationBatcher())}
+    ZeroShotClassificationBatcher(), ImageClassificationBatcher(), TextGenerationBatcher())}
 BATCHERS["sentiment-analysis"] = BATCHERS["text-classification"]  # transformers' aliases
 BATCHERS["ner"] = BATCHERS["token-classification"]
 

@@ -24,13 +24,18 @@ i-th input the inner ``__call__`` receives. Read (and cleared) by the inner one.
 
 
 def input_length(item: Any) -> int | None:
-    """A cheap proxy of an input's token count: characters of its text, or None when not text."""
+    """A cheap proxy of an input's token count: characters of its text (a chat's: of its messages),
+    or None when not text."""
     if isinstance(item, str):
         return len(item)
     if isinstance(item, dict) and item and all(isinstance(v, str) for v in item.values()):
         return sum(len(v) for v in item.values())  # question-answering {"question", "context"}
     if isinstance(item, (list, tuple)) and item and all(isinstance(v, str) for v in item):
         return sum(len(v) for v in item)  # text pairs
+    messages = getattr(item, "messages", None)  # a chat (transformers' Chat): its messages' text
+    if isinstance(messages, (list, tuple)) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+        return sum(len(m["content"]) for m in messages)
     return None
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import FastpathError
 
-__all__ = ["BATCHED_PROCESSING_TASKS", "BATCHED_TASKS", "TEXT_TASKS", "UnknownTaskError", "check_task", "known_tasks"]
+__all__ = ["BATCHED_PROCESSING_TASKS", "BATCHED_TASKS", "GENERATE_BATCHED_TASKS", "TEXT_TASKS", "UnknownTaskError", "check_task", "known_tasks"]
 
 # Pipelines whose inputs are independent texts/images: batching and length sorting pay off.
 BATCHED_TASKS = frozenset({
@@ -24,11 +24,13 @@ BATCHED_TASKS = frozenset({
     "fill-mask", "question-answering", "zero-shot-classification", "image-classification",
     "image-feature-extraction", "audio-classification", "table-question-answering",
 })
+# Generating pipelines whose lists fastpath runs in batches of prompts (each result as its prompt alone gives).
+GENERATE_BATCHED_TASKS = frozenset({"text-generation"})
 # Pipelines whose pre- and post-processing fastpath runs per batch
 # (transformers_fastpath.pipelines.batched_tasks.BATCHERS; a test keeps the two in step).
 BATCHED_PROCESSING_TASKS = frozenset({"feature-extraction", "text-classification", "sentiment-analysis",
                                       "token-classification", "ner", "fill-mask", "zero-shot-classification",
-                                      "image-classification"})
+                                      "image-classification"}) | GENERATE_BATCHED_TASKS
 # Tasks whose inputs are text (length sorting by characters is a good proxy of tokens).
 TEXT_TASKS = frozenset({
     "feature-extraction", "text-classification", "sentiment-analysis", "token-classification", "ner",
