@@ -7,6 +7,7 @@ alternate in one process (ratios only). Per variant: median decode ms/token over
 bandwidth passed with ``--bandwidth`` (bytes/s; H100 SXM 3.35e12).
 
     python benchmarks/decode_tuning_ab.py --out benchmarks/results/decode_tuning_ab_h100.json
+    python benchmarks/decode_tuning_ab.py --tiny --out /tmp/ab.json     # CPU smoke run (nothing compiles there)
 """
 
 from __future__ import annotations
@@ -23,29 +24,33 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--bandwidth", type=float, default=3.35e12)
+    parser.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU: checks the script runs")
     args = parser.parse_args()
 
     import torch
     import torch._inductor.config as inductor_config
     from transformers import AutoModelForCausalLM
 
-    from transformers_fastpath.bench.models import LLAMA_085B, llama_checkpoint, weights_bytes
+    from transformers_fastpath.bench.models import LLAMA_085B, LLAMA_TINY, llama_checkpoint, weights_bytes
     from transformers_fastpath.interception.patches import patch_all
 
     patch_all()  # from_pretrained(..., fastpath=...) without the .pth start-up hook
-    path = str(llama_checkpoint(LLAMA_085B, on_gpu=True))
-    ids = torch.randint(3, LLAMA_085B["vocab_size"], (1, 128), generator=torch.Generator().manual_seed(0))
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+    shape = LLAMA_TINY if args.tiny else LLAMA_085B
+    path = str(llama_checkpoint(shape, on_gpu=not args.tiny))
+    ids = torch.randint(3, shape["vocab_size"], (1, 128), generator=torch.Generator().manual_seed(0))
+    on_gpu = torch.cuda.is_available() and not args.tiny
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if on_gpu else "cpu", "torch": torch.__version__,
                               "prompt_tokens": 128, "new_tokens": 128, "bandwidth_bytes_per_s": args.bandwidth,
                               "variants": {}}
 
     def call(model: Any, new: int) -> float:
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         with torch.inference_mode():
             model.generate(ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
                            max_new_tokens=new, do_sample=False, pad_token_id=0)  # no EOS: all new tokens
-        torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - start
 
     models: dict[str, Any] = {}
