@@ -505,19 +505,32 @@ class TextGenerationBatcher(Batcher):
         "streamer": "a streamer follows one prompt",
         "assistant_model": "assisted generation takes one prompt",
         "prompt_lookup_num_tokens": "assisted generation takes one prompt",
+        "assistant_early_exit": "assisted generation takes one prompt",
+        "use_mtp": "assisted generation takes one prompt",
+        "custom_generate": "a custom generate() may assume one prompt",
         "stop_strings": "stop strings end rows at steps the batch does not mark",
         "stopping_criteria": "custom stopping criteria end rows at steps the batch does not mark",
         "max_time": "max_time bounds the whole batch, not each prompt",
+        "logits_processor": "custom logits processors see the padded batch",
+        "prefix_allowed_tokens_fn": "it is called with the batch's row index and padded ids",
+        "negative_prompt_ids": "one negative prompt per call",
+        "no_repeat_ngram_size": "it reads the padded prompt",
         "return_dict_in_generate": "generate's extra outputs hold the batch's padding",
         "num_beams": "beam search",
     }
+    # Architectures whose forward ignores the attention mask, so left padding changes their outputs
+    # (found by comparing every causal family of transformers' pipeline tests; the others matched).
+    _IGNORE_THE_MASK = frozenset({"rwkv"})
 
     def unsupported(self, pipe: Any, preprocess_params: Mapping[str, Any],
                     postprocess_params: Mapping[str, Any]) -> str | None:
         if getattr(pipe, "tokenizer", None) is None:
             return "no tokenizer"
-        if getattr(getattr(pipe.model, "config", None), "is_encoder_decoder", False):
+        config = getattr(pipe.model, "config", None)
+        if getattr(config, "is_encoder_decoder", False):
             return "an encoder-decoder model"
+        if getattr(config, "model_type", None) in self._IGNORE_THE_MASK:
+            return f"{config.model_type} ignores the attention mask, so padding would change its outputs"
         return None
 
     def unsupported_forward(self, pipe: Any, forward_params: Mapping[str, Any]) -> str | None:
@@ -529,8 +542,9 @@ class TextGenerationBatcher(Batcher):
             value = settings.get(name)
             if value not in (None, False, [], ()) and not (name == "num_beams" and value == 1):
                 return f"{name}: {reason}"
-        if "max_length" in settings and "max_new_tokens" not in settings:
-            return "max_length without max_new_tokens: in a batch it would count the padding"
+        for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+            if settings.get(total) and settings.get(new) is None:
+                return f"{total} without {new}: in a batch it would count the padding"
         return None
 
     def accepts(self, item: Any) -> bool:

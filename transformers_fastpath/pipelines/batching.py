@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["CALLER_INDICES", "disable_length_sorting", "enable_length_sorting",
-           "input_length", "override_subclass", "restore_attached_order", "sorted_order"]
+           "input_length", "is_message", "override_subclass", "restore_attached_order", "sorted_order"]
 
 CALLER_INDICES: contextvars.ContextVar[Sequence[int] | None] = contextvars.ContextVar(
     "fastpath_caller_indices", default=None)
@@ -37,6 +37,11 @@ def input_length(item: Any) -> int | None:
             isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
         return sum(len(m["content"]) for m in messages)
     return None
+
+
+def is_message(item: Any) -> bool:
+    """Whether ``item`` is one chat message (a list of them is one chat, one input)."""
+    return isinstance(item, dict) and "role" in item and ("content" in item or "tool_calls" in item)
 
 
 def sorted_order(inputs: Sequence[Any]) -> list[int] | None:
@@ -62,7 +67,7 @@ def restore_attached_order(exc: BaseException, order: Sequence[int]) -> None:
 def _sorted_call(self: Any, *args: Any, **kwargs: Any) -> Any:
     base = type(self)._fastpath_base_class
     inputs = args[0] if len(args) == 1 else None  # keyword-only calls (question=..., table=...) pass through
-    if not isinstance(inputs, list) or len(inputs) < 2:
+    if not isinstance(inputs, list) or len(inputs) < 2 or is_message(inputs[0]):  # a chat is one input
         return base.__call__(self, *args, **kwargs)
     order = sorted_order(inputs)
     if order is None or order == list(range(len(inputs))):

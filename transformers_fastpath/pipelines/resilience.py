@@ -58,6 +58,7 @@ from typing import Any
 
 from ..errors import FastpathError, is_out_of_memory
 from .batched import batches_per_call
+from .batching import is_message
 from .batching import CALLER_INDICES, input_length, override_subclass
 
 __all__ = ["INPUT_ERRORS", "disable_resilience", "enable_resilience", "gather_shards", "resilience_of"]
@@ -137,11 +138,7 @@ def _resilient_call(self: Any, *args: Any, **kwargs: Any) -> Any:
 
 def _splittable(inputs: Any) -> bool:
     """A list of independent inputs (not empty, not one chat given as a list of messages)."""
-    return isinstance(inputs, list) and bool(inputs) and not _is_message(inputs[0])
-
-
-def _is_message(item: Any) -> bool:
-    return isinstance(item, dict) and "role" in item and ("content" in item or "tool_calls" in item)
+    return isinstance(inputs, list) and bool(inputs) and not is_message(inputs[0])
 
 
 class _NotPerInput(Exception):
