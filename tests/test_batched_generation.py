@@ -219,3 +219,18 @@ def test_with_a_static_cache_a_short_batch_is_filled_to_the_batch_size(tiny_mode
     rows = count_generate_calls(monkeypatch, default)
     default(prompts, **GREEDY)
     assert rows == [16, 4]
+
+
+def test_a_batch_that_fails_runs_one_prompt_at_a_time(generators, monkeypatch) -> None:
+    """Whatever fails on a batch only (not on its prompts alone) still gives every result."""
+    plain, fast = generators
+    original = fast.model.generate
+
+    def fails_on_batches(*args: Any, **kwargs: Any) -> Any:
+        if kwargs["input_ids"].shape[0] > 1:
+            raise RuntimeError("a batch-only failure")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fast.model, "generate", fails_on_batches)
+    assert_same(one_at_a_time(plain, PROMPTS, **GREEDY), fast(PROMPTS, **GREEDY))
+    assert any("a batch-only failure" in r for r in batched_processing_of(fast).declined)

@@ -256,7 +256,10 @@ class _BatchedRun:
             encoded = self.batcher.filled(encoded, size)
         with pipe.device_placement(), pipe.get_inference_context()():
             model_inputs = _to_device(encoded.inputs, pipe.device)
-            outputs = self.batcher.forward(pipe, model_inputs, self.forward_params)
+            try:
+                outputs = self.batcher.forward(pipe, model_inputs, self.forward_params)
+            except BatchDeclined as declined:  # a batcher that runs such a batch input by input
+                return self._declined_batch(positions, declined)
             selected = self.batcher.select(pipe, outputs, encoded, self.postprocess_params)
             host, copied = _to_host(selected)
         self.state.batches += 1

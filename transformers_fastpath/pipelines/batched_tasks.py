@@ -585,7 +585,16 @@ class TextGenerationBatcher(Batcher):
         return Encoded(inputs, encoded.lengths, encoded.padding_side, encoded.host)
 
     def forward(self, pipe: Any, inputs: dict[str, Any], forward_params: Mapping[str, Any]) -> Any:
-        outputs = pipe._forward(inputs, **forward_params)
+        from ..errors import is_out_of_memory
+
+        try:
+            outputs = pipe._forward(inputs, **forward_params)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise  # the resilience layer splits the batch
+            # Whatever fails on the batch runs one prompt at a time: a prompt that fails alone raises
+            # its own error there (and is isolated as usual); the others get their results.
+            raise BatchDeclined(f"generate() failed on the batch ({type(exc).__name__}: {exc})") from exc
         return {**outputs, "eos": _eos_ids(generation_settings(pipe, forward_params).get("eos_token_id"))}
 
     def select(self, pipe: Any, outputs: Any, encoded: Encoded, postprocess_params: Mapping[str, Any]) -> dict[str, Any]:
