@@ -12,6 +12,7 @@ from test_pipeline_parity import assert_same, pair
 
 import transformers_fastpath as fp
 from transformers_fastpath.pipelines.batched import batched_processing_of
+from transformers_fastpath.pipelines.batching import sorted_order
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,6 +102,7 @@ def test_chats_are_batched_through_the_chat_template(generators, monkeypatch) ->
     for pipe in (plain, fast):
         monkeypatch.setattr(pipe.tokenizer, "chat_template", template, raising=False)
     chats = [[{"role": "user", "content": p}] for p in PROMPTS[:5]]
+    assert sorted_order(chats) == sorted(range(5), key=lambda i: -len(PROMPTS[i]))  # sorted by their text
     expected = [plain(c, **GREEDY) for c in chats]
     rows = count_generate_calls(monkeypatch, fast)
     assert_same(expected, fast(chats, **GREEDY))

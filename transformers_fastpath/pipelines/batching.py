@@ -32,9 +32,9 @@ def input_length(item: Any) -> int | None:
         return sum(len(v) for v in item.values())  # question-answering {"question", "context"}
     if isinstance(item, (list, tuple)) and item and all(isinstance(v, str) for v in item):
         return sum(len(v) for v in item)  # text pairs
-    messages = getattr(item, "messages", None)  # a chat (transformers' Chat): its messages' text
+    messages = getattr(item, "messages", item)  # a chat (a list of messages, or transformers' Chat)
     if isinstance(messages, (list, tuple)) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            is_message(m) and isinstance(m.get("content"), str) for m in messages):
         return sum(len(m["content"]) for m in messages)
     return None
 
