@@ -996,12 +996,22 @@ def test_generate_many_keeps_the_callers_order_and_each_prompts_tokens() -> None
     eos = [int(free[0][lengths[0] + 3]), int(free[5][lengths[5] + 1])]  # two prompts end early
     refs = [greedy(plain, p[None], eos_token_id=eos)[0] for p in prompts]
     assert any(len(r) < len(f) for r, f in zip(refs, free))
+    rows: list[int] = []
+    original = model.generate
+
+    def counted(input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        rows.append(int(input_ids.shape[0]))
+        return original(input_ids, **kwargs)
+
+    model.generate = counted
     out = fp.generate_many(model, [p.tolist() if i % 2 else p for i, p in enumerate(prompts)], batch_size=4,
                            max_new_tokens=12, do_sample=False, pad_token_id=PAD, eos_token_id=eos)
+    del model.generate
     assert len(out) == len(prompts)
     for got, ref in zip(out, refs):
         assert torch.equal(got, ref)
     assert _loop_ran(model)
+    assert rows == [4, 4, 4]  # 11 prompts: the static cache's last batch is filled with copies of its last prompt
 
 
 def test_generate_many_rejects_what_it_cannot_do(llama) -> None:

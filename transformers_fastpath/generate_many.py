@@ -5,8 +5,9 @@ to the longest one of its batch, in the caller's order. This helper sorts the pr
 cuts them into batches of ``batch_size`` (so a batch's prompts are close in length), left-pads
 each batch, runs one ``model.generate`` per batch -- on a model loaded with ``fastpath=True`` on a
 GPU that is fastpath's static cache and lean decode loop, whose cache length is bucketed, so
-batches of similar size share a compiled step -- and hands the results back in the caller's
-order, each cut to its own prompt and new tokens (no padding).
+batches of similar size share a compiled step (a short last batch is filled with copies of its
+last prompt, for the same batch shape) -- and hands the results back in the caller's order, each
+cut to its own prompt and new tokens (no padding).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def generate_many(model: Any, prompts: Sequence[Any], *, batch_size: int = 16, *
     pad = _pad_token(model, generate_kwargs)
     eos = _eos_ids(model, generate_kwargs)
     device = getattr(model, "device", torch.device("cpu"))
+    fill = _static_cache(model)
     order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
     results: list[Any] = [None] * len(rows)
     for start in range(0, len(order), batch_size):
@@ -58,6 +60,9 @@ def generate_many(model: Any, prompts: Sequence[Any], *, batch_size: int = 16, *
         for row, i in enumerate(chunk):  # left padding: the new tokens of every row start at one column
             ids[row, longest - len(rows[i]):] = rows[i]
             mask[row, longest - len(rows[i]):] = 1
+        if fill and len(chunk) < batch_size:  # copies of the last prompt: the full batches' compiled shape
+            extra = batch_size - len(chunk)
+            ids, mask = torch.cat([ids, ids[-1:].expand(extra, -1)]), torch.cat([mask, mask[-1:].expand(extra, -1)])
         with torch.inference_mode():
             out = model.generate(ids.to(device), attention_mask=mask.to(device),
                                  **{**generate_kwargs, "pad_token_id": pad})
@@ -67,6 +72,15 @@ def generate_many(model: Any, prompts: Sequence[Any], *, batch_size: int = 16, *
     logger.debug("generate_many: %d prompts in %d batches of up to %d", len(rows),
                  -(-len(rows) // batch_size) if rows else 0, batch_size)
     return results
+
+
+def _static_cache(model: Any) -> bool:
+    """Whether fastpath runs ``model``'s generate with its static cache, whose compiled step is
+    specialised on the batch size (a short last batch is then filled up to the batch size)."""
+    from .passes.runner import plan_of
+
+    plan = plan_of(model)
+    return plan is not None and plan.get("static_cache") is True
 
 
 def _check(model: Any, batch_size: int, kwargs: dict[str, Any]) -> None:
