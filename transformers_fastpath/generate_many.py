@@ -18,6 +18,8 @@ from typing import Any
 
 __all__ = ["generate_many"]
 
+from .prompt_batches import eos_list, fill_rows, left_pad
+
 logger = logging.getLogger(__name__)
 
 
@@ -54,15 +56,10 @@ def generate_many(model: Any, prompts: Sequence[Any], *, batch_size: int = 16, *
     results: list[Any] = [None] * len(rows)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        longest = max(len(rows[i]) for i in chunk)
-        ids = torch.full((len(chunk), longest), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(chunk):  # left padding: the new tokens of every row start at one column
-            ids[row, longest - len(rows[i]):] = rows[i]
-            mask[row, longest - len(rows[i]):] = 1
-        if fill and len(chunk) < batch_size:  # copies of the last prompt: the full batches' compiled shape
-            extra = batch_size - len(chunk)
-            ids, mask = torch.cat([ids, ids[-1:].expand(extra, -1)]), torch.cat([mask, mask[-1:].expand(extra, -1)])
+        ids, mask = left_pad([rows[i] for i in chunk], pad)
+        longest = ids.shape[1]
+        if fill:  # copies of the last prompt: the full batches' compiled shape
+            ids, mask = fill_rows(ids, batch_size), fill_rows(mask, batch_size)
         with torch.inference_mode():
             out = model.generate(ids.to(device), attention_mask=mask.to(device),
                                  **{**generate_kwargs, "pad_token_id": pad})
@@ -115,10 +112,7 @@ def _setting(model: Any, kwargs: dict[str, Any], name: str) -> Any:
 
 
 def _eos_ids(model: Any, kwargs: dict[str, Any]) -> list[int]:
-    eos = _setting(model, kwargs, "eos_token_id")
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    return eos_list(_setting(model, kwargs, "eos_token_id"))
 
 
 def _pad_token(model: Any, kwargs: dict[str, Any]) -> int:

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..prompt_batches import eos_list, fill_rows, left_pad
 from .outputs import padding_side as tokenizer_padding_side
 
 __all__ = ["BATCHERS", "BatchDeclined", "Batcher", "Encoded", "FeatureExtractionBatcher", "FillMaskBatcher",
@@ -551,8 +552,6 @@ class TextGenerationBatcher(Batcher):
         return isinstance(item, str) or hasattr(item, "messages")  # text, or transformers' Chat
 
     def encode(self, pipe: Any, items: Sequence[Any], preprocess_params: Mapping[str, Any]) -> Encoded:
-        import torch
-
         singles = [pipe.preprocess(item, **preprocess_params) for item in items]
         rows = [single["input_ids"][0] for single in singles]
         if any(len(row) == 0 for row in rows):
@@ -560,13 +559,8 @@ class TextGenerationBatcher(Batcher):
         if any("attention_mask" in s and not bool(s["attention_mask"].all()) for s in singles):
             raise BatchDeclined("a prompt with masked tokens of its own: left padding would add more")
         # Other tokenizer outputs (a BERT tokenizer's token_type_ids) are dropped: _forward reads only these.
-        longest = max(len(row) for row in rows)
         pad = pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else 0  # masked out
-        ids = torch.full((len(rows), longest), int(pad), dtype=rows[0].dtype)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, longest - len(row):] = row
-            mask[i, longest - len(row):] = 1
+        ids, mask = left_pad(rows, pad)
         return Encoded({"input_ids": ids, "attention_mask": mask, "prompt_text": None},
                        [len(row) for row in rows], "left",
                        {"prompts": [single["prompt_text"] for single in singles], "rows": rows})
@@ -574,14 +568,9 @@ class TextGenerationBatcher(Batcher):
     def filled(self, encoded: Encoded, rows: int) -> Encoded:
         """Copies of the batch's last prompt up to ``rows``: its decode step has the shape of the full
         batches (a compiled step per batch size would cost a compile), at the price of the extra rows."""
-        import torch
-
-        extra = rows - len(encoded.lengths)
-        if extra <= 0:
-            return encoded
         inputs = dict(encoded.inputs)
         for key in ("input_ids", "attention_mask"):
-            inputs[key] = torch.cat([inputs[key], inputs[key][-1:].expand(extra, -1)])
+            inputs[key] = fill_rows(inputs[key], rows)
         return Encoded(inputs, encoded.lengths, encoded.padding_side, encoded.host)
 
     def forward(self, pipe: Any, inputs: dict[str, Any], forward_params: Mapping[str, Any]) -> Any:
@@ -595,7 +584,7 @@ class TextGenerationBatcher(Batcher):
             # Whatever fails on the batch runs one prompt at a time: a prompt that fails alone raises
             # its own error there (and is isolated as usual); the others get their results.
             raise BatchDeclined(f"generate() failed on the batch ({type(exc).__name__}: {exc})") from exc
-        return {**outputs, "eos": _eos_ids(generation_settings(pipe, forward_params).get("eos_token_id"))}
+        return {**outputs, "eos": eos_list(generation_settings(pipe, forward_params).get("eos_token_id"))}
 
     def select(self, pipe: Any, outputs: Any, encoded: Encoded, postprocess_params: Mapping[str, Any]) -> dict[str, Any]:
         # (batch, sequences per prompt, length), and the EOS ids of the call's settings
@@ -632,12 +621,6 @@ def generation_settings(pipe: Any, forward_params: Mapping[str, Any]) -> dict[st
         settings = config.to_diff_dict()
     settings.update({k: v for k, v in kwargs.items() if k != "generation_config"})
     return settings
-
-
-def _eos_ids(eos: Any) -> list[int]:
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
 def _steps_alone(new: Any, eos: list[int]) -> int:
