@@ -16,9 +16,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["generate_many"]
-
 from .prompt_batches import eos_list, fill_rows, left_pad
+
+__all__ = ["generate_many"]
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from ..models import LLAMA_085B, LLAMA_SMALL, LLAMA_TINY, llama_checkpoint, quie
 from ..runner import Bench, Sample, Variant, sync
 from ._common import dtype_name, enable_fastpath_kwarg
 
-__all__ = ["MODES", "Setup", "build_causal_variants", "generate_call", "llama_setup", "load_causal",
+__all__ = ["MODES", "Setup", "build_causal_variants", "generate_call", "llama_setup", "load_causal", "load_expert",
            "measure_generate"]
 
 # Decoding modes: generate() settings on top of max_new_tokens and pad_token_id. The checkpoints have
@@ -86,14 +86,10 @@ def build_causal_variants(bench: Bench, setup: Setup) -> dict[str, Any]:
     """The four models of a generate workload, each as its user makes it (None where omitted or failed):
     ``default`` (no settings, moved by hand), ``expert`` (half precision on a GPU, SDPA), ``compile``
     (expert + transformers' static-cache recipe) and ``fastpath`` (``from_pretrained(..., fastpath=True)``)."""
-    import torch
-
     device = bench.device
-    half = torch.bfloat16 if bench.on_gpu else torch.float32
-    placed: dict[str, Any] = {"device_map": {"": device}} if bench.on_gpu else {}
 
     def expert() -> Any:
-        return load_causal(setup.path, device, fastpath=False, dtype=half, attn_implementation="sdpa", **placed)
+        return load_expert(bench, setup.path)
 
     def compiled() -> Any:
         model = expert()
@@ -106,6 +102,15 @@ def build_causal_variants(bench: Bench, setup: Setup) -> dict[str, Any]:
         "compile": bench.build("compile", compiled),
         "fastpath": bench.build("fastpath", lambda: load_causal(setup.path, device, fastpath=True)),
     }
+
+
+def load_expert(bench: Bench, path: str) -> Any:
+    """The expert's model of ``path``: half precision (bfloat16) and SDPA on a GPU, placed on it; float32 on a CPU."""
+    import torch
+
+    half = torch.bfloat16 if bench.on_gpu else torch.float32
+    placed: dict[str, Any] = {"device_map": {"": bench.device}} if bench.on_gpu else {}
+    return load_causal(path, bench.device, fastpath=False, dtype=half, attn_implementation="sdpa", **placed)
 
 
 def generate_call(model: Any, ids: Any, mask: Any, new_tokens: int, **extra: Any) -> Any:

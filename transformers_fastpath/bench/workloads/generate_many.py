@@ -28,7 +28,7 @@ from ..models import LLAMA_085B, LLAMA_SMALL, LLAMA_TINY, TOKENIZER_MISSING, lla
     tokenizer_path
 from ..runner import Bench, Variant
 from ._common import dtype_name, enable_fastpath_kwarg, plan_summary
-from ._generate import load_causal
+from ._generate import load_causal, load_expert
 from ._workload import Workload
 
 BATCH = 16
@@ -87,8 +87,7 @@ def run(bench: Bench) -> None:
             return transformers.pipeline("text-generation", model=path, **kwargs)
 
     def expert_model() -> Any:
-        return load_causal(path, device, fastpath=False, dtype=half, attn_implementation="sdpa",
-                           **({"device_map": {"": device}} if bench.on_gpu else {}))
+        return load_expert(bench, path)
 
     def compiled() -> Any:
         model = expert_model()
