@@ -71,7 +71,7 @@ class OrtRuntime:
         self.fallbacks: collections.Counter[str] = collections.Counter()
         self.served = 0  # calls the session computed
         self._session: Any = session_for(str(graph.path))
-        self._versions = _weight_versions(model)
+        self._versions = _weight_versions(list(model.modules()))
         self._stale = False
         self._lock = threading.Lock()
 
@@ -150,10 +150,11 @@ class OrtRuntime:
             return "autocast is on"
         if any(getattr(model.config, flag, False) for flag in _CAPTURE_FLAGS):
             return "the config asks for hidden states or attentions"
-        hooked = hooks_reason(module for module in model.modules() if module is not model)
+        modules = list(model.modules())  # one walk for both checks below (it costs ~0.2 ms on MiniLM)
+        hooked = hooks_reason(modules[1:])  # modules() yields the model itself first
         if hooked is not None:
             return hooked
-        if not self._weights_are_exported(model):
+        if not self._weights_are_exported(model, modules):
             return "the weights changed since the ONNX export"
         return None
 
@@ -181,8 +182,8 @@ class OrtRuntime:
                     "pad tokens")
         return None
 
-    def _weights_are_exported(self, model: nn.Module) -> bool:
-        versions = _weight_versions(model)
+    def _weights_are_exported(self, model: nn.Module, modules: list[nn.Module]) -> bool:
+        versions = _weight_versions(modules)
         if versions == self._versions:
             return not self._stale
         key, _ = export_key(model, self.recipe)
@@ -194,10 +195,10 @@ class OrtRuntime:
         return not self._stale
 
 
-def _weight_versions(model: nn.Module) -> tuple[tuple[int, int], ...]:
-    """Identity and in-place write counter of every parameter and buffer: any change means the
-    weights may differ from the export (``Tensor._version`` counts in-place writes). One walk over
-    the modules' own dicts: half the time of ``parameters()`` + ``buffers()`` (0.12 ms against 0.24 ms
-    for MiniLM), on every call."""
-    return tuple((id(t), t._version) for module in model.modules()
+def _weight_versions(modules: list[nn.Module]) -> tuple[tuple[int, int], ...]:
+    """Identity and in-place write counter of every parameter and buffer of ``modules`` (the
+    model's ``modules()``): any change means the weights may differ from the export
+    (``Tensor._version`` counts in-place writes). Read from the modules' own dicts: half the time
+    of ``parameters()`` + ``buffers()`` (0.12 ms against 0.24 ms for MiniLM), on every call."""
+    return tuple((id(t), t._version) for module in modules
                  for tensors in (module._parameters, module._buffers) for t in tensors.values() if t is not None)
