@@ -88,7 +88,7 @@ def main() -> None:
         pipe(texts)
     ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
     profiled_total = sum(ops.values())
-    linear_s = ops.get("mkldnn::_linear_pointwise", 0.0)  # the encoder's linear layers (the pooler's addmm is not counted)
+    linear_s = ops.get("mkldnn::_linear_pointwise", 0.0)  # the encoder's linear layers (not the pooler's addmm)
 
     linear_op = torch.ops.mkldnn._linear_pointwise
     alone = {"module weights": 0.0, "pre-packed weights": 0.0}
@@ -99,9 +99,8 @@ def main() -> None:
         count = shapes.count((k, n)) * layers
         for rows in batch_rows:
             x = torch.randn(rows, k, generator=generator)
-            alone["module weights"] += count * _seconds(lambda: linear_op(x, weight, bias, "none", [], ""), args.repeats)
-            alone["pre-packed weights"] += count * _seconds(lambda: linear_op(x, packed, bias, "none", [], ""),
-                                                            args.repeats)
+            for name, w in (("module weights", weight), ("pre-packed weights", packed)):
+                alone[name] += count * _seconds(lambda: linear_op(x, w, bias, "none", [], ""), args.repeats)
     a, b = torch.randn(2048, 2048, generator=generator), torch.randn(2048, 2048, generator=generator)
     square_rate = 2 * 2048 ** 3 / _seconds(lambda: a @ b, args.repeats) / 1e9
 

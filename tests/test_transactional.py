@@ -29,7 +29,8 @@ pytestmark = [
 
 CPU = Hardware(device="cpu", memory_gib=24, cpu_count=2)
 # Only the fused encoder (and test passes) run: sdpa_backends is skipped with eager attention.
-ONLY_FUSED = {"attn_implementation": "eager"}
+# backend torch: no ONNX Runtime pass either, where the [onnx] extra is installed
+ONLY_FUSED = {"attn_implementation": "eager", "backend": "torch"}
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
               "_load_state_dict_post_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")
