@@ -31,7 +31,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "coordinate_descent_tuning": {"coordinate_descent_tuning": True},
     "freezing": {"freezing": True},
     "freezing+coordinate_descent_tuning": {"freezing": True, "coordinate_descent_tuning": True},
+    # Triton GEMM templates autotuned against cuBLAS for the M=1 products (minutes of compile: opt-in)
+    "max_autotune_gemm": {"max_autotune_gemm": True},
 }
+DEFAULT_VARIANTS = ("today", "coordinate_descent_tuning", "freezing", "freezing+coordinate_descent_tuning")
 
 
 def main() -> None:
@@ -40,9 +43,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--bandwidth", type=float, default=None,
                         help="bytes/s; default: the card's published figure (H100 SXM 3.35e12, H200 4.8e12)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU: checks the script runs")
     args = parser.parse_args()
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
 
     import torch
     import torch._inductor.config as inductor_config
