@@ -104,7 +104,11 @@ def main() -> None:
             out = model.generate(ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
                                  max_new_tokens=32, do_sample=False, pad_token_id=0)
         outputs[name] = out[0, 128:].tolist()
-    first = next(iter(outputs.values()), None)
+    if not models:  # every variant failed to compile: the errors are the result
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        raise SystemExit("; ".join(f"{name}: {row['error'][:200]}" for name, row in report["variants"].items()))
+    first = next(iter(outputs.values()))
     for name, tokens in outputs.items():
         report["variants"][name]["tokens_equal_first_variant"] = tokens == first
     weights = weights_bytes(next(iter(models.values())))
